@@ -1,0 +1,25 @@
+# The two commands: `make train` and `make test`. Both create .venv and install on first use.
+PYTHON ?= python3
+VENV ?= .venv
+TORCH ?= torch==2.13.0
+NPROC ?= 8
+ARGS ?=
+BIN := $(VENV)/bin
+
+.PHONY: install train test bench clean
+
+# torch goes first, from $(TORCH), so the project's `torch>=2.6` is already satisfied and pip
+# never pulls a multi-GB CUDA build on a CPU machine.
+install:
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q "$(TORCH)"
+	$(BIN)/python -m pip install -q -e ".[dev]"
+
+train: install
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m moe_dist.train $(ARGS)
+
+test: install
+	$(BIN)/python -m pytest -n auto -q $(ARGS)
+
+clean:
+	rm -rf runs .pytest_cache

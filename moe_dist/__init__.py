@@ -1,0 +1,1 @@
+"""moe_dist: a PyTorch-native trainer for Mixture-of-Experts transformers."""

@@ -1,0 +1,100 @@
+"""Top-k router: expert choice, combine weights, load-balancing and z losses, optional capacity."""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.config import MoEConfig
+
+
+@dataclass
+class RouterOutput:
+    expert_ids: Tensor  # [T, k] int64
+    weights: Tensor  # [T, k] combine weights
+    keep: Tensor | None  # [T, k] bool, False where capacity dropped the pair; None when dropless
+    aux_loss: Tensor  # scalar: aux_loss_coef * load-balancing loss + z_loss_coef * z-loss
+    load_balance_loss: Tensor  # scalar, uncoefficiented, for metrics
+    z_loss: Tensor  # scalar, uncoefficiented, for metrics
+    counts: Tensor  # [E] float, pairs routed to each expert over the whole (reduced) batch
+
+
+def capacity_keep(expert_ids: Tensor, seq_len: int, num_experts: int, capacity: int) -> Tensor:
+    """True for the pairs that fit: the first `capacity` pairs, in token order, per (sequence, expert)."""
+    num_tokens, top_k = expert_ids.shape
+    sequence = torch.arange(num_tokens, device=expert_ids.device).div(seq_len, rounding_mode="floor")
+    key = (sequence.unsqueeze(1) * num_experts + expert_ids).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    group_sizes = torch.zeros(int(math.ceil(num_tokens / seq_len)) * num_experts, dtype=torch.int64,
+                              device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
+    sorted_key = key[order]
+    position = torch.empty_like(key)
+    position[order] = torch.arange(key.numel(), device=key.device) - group_starts[sorted_key]
+    return (position < capacity).view(num_tokens, top_k)
+
+
+class Router(nn.Module):
+    """Scores tokens against experts and picks the top k.
+
+    Capacity is counted per sequence so that which pairs are dropped does not depend on how the
+    batch is split across ranks. `all_reduce_stats` sums the load-balancing statistics over the
+    ranks that share the batch; the parallel module sets it, the default is one process.
+    """
+
+    def __init__(self, dim: int, cfg: MoEConfig):
+        super().__init__()
+        self.num_experts = cfg.num_experts
+        self.top_k = cfg.top_k
+        self.score_func = cfg.score_func
+        self.renormalize = cfg.renormalize
+        self.aux_loss_coef = cfg.aux_loss_coef
+        self.z_loss_coef = cfg.z_loss_coef
+        self.aux_free_bias = cfg.aux_free_bias
+        self.bias_update_rate = cfg.bias_update_rate
+        self.capacity_factor = cfg.capacity_factor
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # selection only, never a weight
+        self.all_reduce_stats: Callable[[Tensor], Tensor] = lambda stats: stats
+
+    def capacity(self, seq_len: int) -> int:
+        return max(1, math.ceil(self.capacity_factor * seq_len * self.top_k / self.num_experts))
+
+    def forward(self, x: Tensor, seq_len: int) -> RouterOutput:
+        """x [T, D], T = batch * seq_len tokens."""
+        logits = self.gate(x).float()
+        scores = logits.softmax(-1) if self.score_func == "softmax" else logits.sigmoid()
+        selection = scores + self.expert_bias if self.aux_free_bias else scores
+        expert_ids = selection.topk(self.top_k, dim=-1).indices
+        weights = scores.gather(-1, expert_ids)
+        if self.renormalize:
+            weights = weights / (weights.sum(-1, keepdim=True) + 1e-20)
+        keep = None
+        if self.capacity_factor > 0:
+            keep = capacity_keep(expert_ids, seq_len, self.num_experts, self.capacity(seq_len))
+
+        # One reduction for everything the losses need: [counts | score sums | logsumexp^2 sum | tokens].
+        probs = scores if self.score_func == "softmax" else scores / scores.sum(-1, keepdim=True)
+        counts = torch.zeros(self.num_experts, device=x.device).scatter_add_(
+            0, expert_ids.reshape(-1), torch.ones(expert_ids.numel(), device=x.device))
+        num_tokens = torch.full((1,), float(x.shape[0]), device=x.device)
+        z_sum = torch.logsumexp(logits, -1).square().sum().unsqueeze(0)
+        stats = self.all_reduce_stats(torch.cat([counts, probs.sum(0), z_sum, num_tokens]))
+        counts, prob_sum = stats[: self.num_experts].detach(), stats[self.num_experts: 2 * self.num_experts]
+        z_sum, num_tokens = stats[-2], stats[-1].detach()
+        fraction_routed = counts / (num_tokens * self.top_k)
+        load_balance_loss = self.num_experts * (fraction_routed * prob_sum / num_tokens).sum()
+        z_loss = z_sum / num_tokens
+        aux_loss = self.aux_loss_coef * load_balance_loss + self.z_loss_coef * z_loss
+        return RouterOutput(expert_ids, weights, keep, aux_loss, load_balance_loss.detach(), z_loss.detach(), counts)
+
+    @torch.no_grad()
+    def update_expert_bias(self, counts: Tensor) -> None:
+        """Auxiliary-loss-free balancing: nudge the selection bias of over-loaded experts down."""
+        if self.aux_free_bias and counts.sum() > 0:
+            self.expert_bias += self.bias_update_rate * torch.sign(counts.mean() - counts)

@@ -1,0 +1,118 @@
+"""Decoder-only transformer: RMSNorm, rotary embeddings, GQA attention (SDPA), SwiGLU or MoE FFN."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from moe_dist.config import ModelConfig, MoEConfig
+from moe_dist.model.moe import FeedForward, MoE
+
+
+def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
+    """cos and sin [max_seq_len, head_dim] in the half-split layout (as Llama/Mixtral in HF)."""
+    inv_freq = 1.0 / theta ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32) / head_dim)
+    angles = torch.outer(torch.arange(max_seq_len, device=device, dtype=torch.float32), inv_freq)
+    angles = torch.cat([angles, angles], dim=-1)
+    return angles.cos(), angles.sin()
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """x [B, H, S, hd]; cos, sin [S, hd]."""
+    half = x.shape[-1] // 2
+    rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+class Attention(nn.Module):
+    """Causal grouped-query attention through scaled_dot_product_attention."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_heads = cfg.n_heads
+        self.n_kv_heads = cfg.n_kv_heads
+        self.head_dim = cfg.dim // cfg.n_heads
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+        batch, seq_len, _ = x.shape
+        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
+        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+def is_moe_layer(layer_id: int, moe: MoEConfig) -> bool:
+    return (moe.num_experts > 0 and layer_id >= moe.first_k_dense
+            and (layer_id - moe.first_k_dense) % moe.every_n_layers == 0)
+
+
+class Block(nn.Module):
+    def __init__(self, layer_id: int, cfg: ModelConfig, moe: MoEConfig):
+        super().__init__()
+        self.attention_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.attention = Attention(cfg)
+        self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.ffn = MoE(cfg.dim, moe) if is_moe_layer(layer_id, moe) else FeedForward(cfg.dim, cfg.ffn_hidden)
+
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin)
+        if isinstance(self.ffn, MoE):
+            out, aux_loss = self.ffn(self.ffn_norm(x))
+        else:
+            out, aux_loss = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
+        return x + out, aux_loss
+
+
+class Transformer(nn.Module):
+    """tokens [B, S] -> (logits [B, S, V], aux_loss summed over the MoE layers)."""
+
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
+        self.layers = nn.ModuleList(Block(i, cfg, moe) for i in range(cfg.n_layers))
+        self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
+        self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
+        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.init_weights()
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)."""
+        std = self.cfg.init_std
+        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        for name, param in self.named_parameters():
+            if "norm" in name:
+                nn.init.ones_(param)
+            else:
+                is_residual = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
+                nn.init.trunc_normal_(param, std=residual_std if is_residual else std,
+                                      a=-3 * std, b=3 * std)
+        for module in self.modules():
+            if isinstance(module, MoE):
+                module.router.expert_bias.zero_()
+        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
+                                 device=self.rope_cos.device)
+        self.rope_cos.copy_(cos)
+        self.rope_sin.copy_(sin)
+
+    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
+        seq_len = tokens.shape[1]
+        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+        h = self.tok_embeddings(tokens)
+        aux_loss = torch.zeros((), device=h.device)
+        for layer in self.layers:
+            h, layer_aux = layer(h, cos, sin)
+            aux_loss = aux_loss + layer_aux
+        return self.output(self.norm(h)), aux_loss
