@@ -6,6 +6,7 @@ from typing import Protocol
 
 import torch
 from torch import Tensor, nn
+from torch.distributed.tensor import DTensor
 
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import plan_routing, permute, unpermute
@@ -37,8 +38,10 @@ class GroupedExperts(nn.Module):
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
     def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
-        """rows [N, D] grouped by expert, counts [E] -> [N, D]."""
-        return grouped_swiglu(rows, self.w1, self.w3, self.w2, counts, self.backend)
+        """rows [N, D] grouped by this process's experts, counts [E_local] -> [N, D]."""
+        # Sharded from the outside (expert parallelism), the weights are DTensors: use the local experts.
+        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
+        return grouped_swiglu(rows, w1, w3, w2, counts, self.backend)
 
 
 class Dispatcher(Protocol):

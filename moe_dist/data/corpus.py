@@ -1,0 +1,65 @@
+"""The default corpus: this machine's Python standard library source text, prepared once and cached."""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import shutil
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+
+from moe_dist.data.prep import MANIFEST, prepare
+
+STDLIB_CAP_BYTES = 16 * 2**20  # keeps tokenizer training + tokenization well under a minute on 2 cores
+SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
+
+
+def stdlib_dir() -> Path:
+    """Where this interpreter's standard library lives."""
+    return Path(sysconfig.get_paths()["stdlib"])
+
+
+def stdlib_texts(root: Path, cap_bytes: int) -> Iterator[str]:
+    """UTF-8 .py files under root, sorted, outside test and package dirs, until cap_bytes of text."""
+    paths = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if d not in SKIP_DIRS]  # prune: site-packages can be huge
+        paths += [Path(dirpath, name) for name in filenames if name.endswith(".py")]
+    total = 0
+    for path in sorted(paths):
+        data = path.read_bytes()
+        if total + len(data) > cap_bytes:
+            return
+        try:
+            text = data.decode("utf-8")
+        except UnicodeDecodeError:
+            continue
+        total += len(data)
+        yield text
+
+
+def default_corpus(cache_root: Path, vocab_size: int) -> Path:
+    """The prepared stdlib corpus under cache_root/stdlib-v{vocab_size}, built on first use."""
+    cache_root = Path(cache_root)
+    target = cache_root / f"stdlib-v{vocab_size}"
+    if (target / MANIFEST).is_file():
+        return target
+    cache_root.mkdir(parents=True, exist_ok=True)
+    # Ranks that start together wait for one builder instead of all building; the lock dies with its process.
+    with open(cache_root / f".{target.name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / MANIFEST).is_file():
+            return target
+        building = cache_root / f".{target.name}.tmp"
+        shutil.rmtree(building, ignore_errors=True)  # half-built by a run that was killed
+        building.mkdir()
+        source = building / "stdlib.jsonl"
+        with open(source, "w", encoding="utf-8") as f:
+            for text in stdlib_texts(stdlib_dir(), STDLIB_CAP_BYTES):
+                f.write(json.dumps({"text": text}) + "\n")
+        prepare([source], building, vocab_size)
+        source.unlink()
+        os.rename(building, target)  # the cached dir appears complete or not at all
+    return target

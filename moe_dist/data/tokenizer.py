@@ -1,0 +1,53 @@
+"""Byte-level BPE tokenizer (Hugging Face `tokenizers`): train, load, hash."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Iterable
+from pathlib import Path
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+from moe_dist.data import DataError, one_line
+
+EOS_TOKEN = "<|endoftext|>"  # ends every document; id 0 in tokenizers trained here
+MIN_VOCAB = 257  # 256 byte symbols + EOS_TOKEN
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int) -> Tokenizer:
+    """Train a byte-level BPE tokenizer of at most vocab_size tokens, EOS_TOKEN first."""
+    if vocab_size < MIN_VOCAB:
+        raise DataError(f"data: vocab_size {vocab_size} is too small for a byte-level tokenizer (min {MIN_VOCAB})")
+    tokenizer = Tokenizer(models.BPE())
+    # No prefix space, so that decode(encode(text)) == text exactly.
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS_TOKEN],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),  # every byte encodable, even ones unseen in training
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return tokenizer
+
+
+def load_tokenizer(path: Path) -> Tokenizer:
+    """Load a tokenizer.json."""
+    try:
+        return Tokenizer.from_file(str(path))
+    except Exception as e:  # the bindings raise a bare Exception for missing and malformed files alike
+        raise DataError(f"data: {path}: not a loadable tokenizer.json ({one_line(e)})") from None
+
+
+def eos_id(tokenizer: Tokenizer, path: Path) -> int:
+    """The id of EOS_TOKEN; DataError naming the tokenizer file if it has none."""
+    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    if token_id is None:
+        raise DataError(f"data: {path}: tokenizer has no {EOS_TOKEN} token")
+    return token_id
+
+
+def file_hash(path: Path) -> str:
+    """First 16 hex digits of the file's sha256: identifies a tokenizer by content."""
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()[:16]

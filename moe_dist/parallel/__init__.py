@@ -1,0 +1,57 @@
+"""Parallelism applied to a built model from the outside: FSDP2, activation checkpointing, EP."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import torch
+import torch.distributed as dist
+import torch.distributed._functional_collectives as funcol
+from torch.distributed.device_mesh import DeviceMesh
+from torch.distributed.tensor import DTensor
+
+from moe_dist.config import ParallelConfig
+from moe_dist.model import Transformer, moe_layers
+from moe_dist.parallel.expert_parallel import apply_expert_parallel
+from moe_dist.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision
+
+
+def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
+    """Make `model` train on every rank of `mesh` with the numbers one process would get."""
+    if mesh.size() > 1:
+        # Every rank reads different tokens: the router's batch statistics are summed over all of them.
+        reduce = functools.partial(funcol.all_reduce, reduceOp="sum", group=dist.group.WORLD)
+        for moe in moe_layers(model):
+            moe.router.all_reduce_stats = reduce
+    ep_mesh = mesh["ep"]
+    if ep_mesh.size() > 1:
+        for moe in moe_layers(model):
+            apply_expert_parallel(moe, ep_mesh)
+    if cfg.activation_checkpoint:
+        apply_activation_checkpointing(model)
+    mp_policy = mixed_precision(cfg.param_dtype, cfg.reduce_dtype, device)
+    if ep_mesh.size() > 1:
+        # An expert sees the tokens of its whole EP group, so its summed gradient is ep times a
+        # dense weight's: divide by the world size rather than by the dp_shard ranks alone.
+        apply_fsdp(model, mesh._flatten("world"), mp_policy, mesh["dp_shard"], expert_grad_divide=mesh.size())
+    else:
+        apply_fsdp(model, mesh["dp_shard"], mp_policy)
+    return model
+
+
+@torch.no_grad()
+def clip_grad_norm_(parameters: list[torch.nn.Parameter], max_norm: float) -> float:
+    """Global gradient norm over plain tensors and DTensors on any meshes; clip when max_norm > 0."""
+    grads = [p.grad for p in parameters if p.grad is not None]
+    by_mesh: dict[object, list[torch.Tensor]] = {}
+    for g in grads:
+        by_mesh.setdefault(g.device_mesh if isinstance(g, DTensor) else None, []).append(g)
+    squares = []
+    for group in by_mesh.values():
+        norm = torch.nn.utils.get_total_norm(group)
+        squares.append((norm.full_tensor() if isinstance(norm, DTensor) else norm) ** 2)
+    total = torch.stack(squares).sum().sqrt().item() if squares else 0.0
+    if max_norm > 0 and math.isfinite(total) and total > max_norm:
+        torch._foreach_mul_(grads, max_norm / (total + 1e-6))
+    return total

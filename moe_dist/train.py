@@ -1,0 +1,201 @@
+"""python -m moe_dist.train: train a MoE transformer; run it under torchrun for several processes."""
+
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.distributed.fsdp import FSDPModule
+
+from moe_dist.config import Config, ConfigError, load_config, parse_args, to_toml
+from moe_dist.data import DataError
+from moe_dist.data.corpus import default_corpus
+from moe_dist.data.loader import DataLoader, check_compatible
+from moe_dist.metrics import MetricsLogger, expert_load_imbalance
+from moe_dist.model import Transformer, moe_layers
+from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel import clip_grad_norm_, parallelize
+from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape
+from moe_dist.params import training_flops_per_token
+
+Batch = tuple[Tensor, Tensor]
+
+
+@dataclass
+class StepResult:
+    loss: float  # cross-entropy, mean over the global batch
+    aux_loss: float
+    grad_norm: float
+    expert_load: Tensor | None  # [moe layers, experts] pairs routed in this step, global
+    dropped: int  # pairs dropped by capacity on this rank
+
+
+def mean_over_ranks(value: Tensor) -> float:
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        value = value.clone()
+        dist.all_reduce(value)
+        value /= dist.get_world_size()
+    return value.item()
+
+
+def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
+               max_grad_norm: float) -> StepResult:
+    """One optimizer step over `micro_batches` (gradient accumulation), then the router bias update."""
+    model.train()
+    layers = moe_layers(model)
+    ce_sum = aux_sum = torch.zeros(())
+    load, dropped = None, 0
+    for i, (inputs, targets) in enumerate(micro_batches):
+        if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
+            model.set_requires_gradient_sync(i == len(micro_batches) - 1)
+        logits, aux_loss = model(inputs)
+        ce = loss_fn(logits, targets)
+        ((ce + aux_loss) / len(micro_batches)).backward()
+        ce_sum = ce_sum + ce.detach().cpu()
+        aux_sum = aux_sum + aux_loss.detach().cpu()
+        if layers:
+            counts = torch.stack([m.last_counts for m in layers]).cpu()
+            load = counts if load is None else load + counts
+            dropped += sum(int(m.last_dropped) for m in layers)
+    grad_norm = clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    scheduler.step()
+    for layer, counts in zip(layers, load if load is not None else []):
+        layer.router.update_expert_bias(counts.to(layer.router.expert_bias.device))
+    n = len(micro_batches)
+    return StepResult(mean_over_ranks(ce_sum / n), mean_over_ranks(aux_sum / n), grad_norm, load, dropped)
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: list[Batch]) -> float:
+    """Mean validation cross-entropy over `batches` and all ranks."""
+    model.eval()
+    total = torch.zeros(())
+    for inputs, targets in batches:
+        logits, _ = model(inputs)
+        total += loss_fn(logits, targets).cpu()
+    return mean_over_ranks(total / len(batches))
+
+
+def build_model(cfg: Config, mesh, runtime: Runtime) -> nn.Module:
+    """Same initial weights on every rank and at every world size, then parallelized."""
+    torch.manual_seed(cfg.train.seed)
+    if runtime.device.type == "cpu":
+        model = Transformer(cfg.model, cfg.moe)  # small enough to build whole, then shard
+        return parallelize(model, cfg.parallel, mesh, runtime.device)
+    with torch.device("meta"):  # large models: shard first, materialise only the local shards
+        model = Transformer(cfg.model, cfg.moe)
+    parallelize(model, cfg.parallel, mesh, runtime.device)
+    model.to_empty(device=runtime.device)
+    model.init_weights()
+    return model
+
+
+def prepare_data(cfg: Config) -> Path:
+    """The configured data dir, or the default corpus (built once, by whichever rank gets its lock first)."""
+    if cfg.data.path:
+        data_dir = Path(cfg.data.path)
+    else:
+        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size)
+    check_compatible(data_dir, cfg.model.vocab_size)
+    return data_dir
+
+
+def to_device(batch: Batch, device: torch.device) -> Batch:
+    return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+def train(cfg: Config, runtime: Runtime) -> dict:
+    """The main loop. Returns the summary that rank 0 prints."""
+    mesh_shape(cfg.parallel, runtime.world_size)  # a bad mesh fails before any collective
+    mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
+    run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
+    if runtime.rank == 0:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+    data_dir = prepare_data(cfg)
+    d = cfg.data
+    train_data = DataLoader(data_dir, "train", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
+    val_data = DataLoader(data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
+
+    model = build_model(cfg, mesh, runtime)
+    optimizer = build_optimizer(model, cfg.optim, runtime.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps)
+    tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
+    flops_per_token = training_flops_per_token(cfg)
+
+    def run_eval(step: int) -> float:
+        batches = [to_device(next(val_data), runtime.device) for _ in range(cfg.train.eval_steps)]
+        val_data.reset()
+        loss = evaluate(model, batches)
+        logger.eval(step, loss)
+        return loss
+
+    train_iter = iter(train_data)
+    last_time, last_step = logger.elapsed(), 0
+    first_loss = result = val_loss = None
+    for step in range(1, cfg.train.steps + 1):
+        batches = [to_device(next(train_iter), runtime.device) for _ in range(cfg.train.grad_accum)]
+        result = train_step(model, optimizer, scheduler, batches, cfg.optim.grad_clip)
+        first_loss = result.loss if first_loss is None else first_loss
+        if step % cfg.metrics.log_interval == 0 or step == 1 or step == cfg.train.steps:
+            now = logger.elapsed()
+            tokens_per_s = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
+            last_time, last_step = now, step
+            metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": scheduler.get_last_lr()[0],
+                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
+                       "tokens": step * tokens_per_step, "flops_per_s": tokens_per_s * flops_per_token}
+            if result.expert_load is not None:
+                metrics["expert_load_max_mean"] = expert_load_imbalance(result.expert_load)
+                metrics["dropped"] = result.dropped
+            logger.train(step, metrics)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != cfg.train.steps:
+            run_eval(step)
+    val_loss = run_eval(cfg.train.steps)
+    logger.close()
+    return {"steps": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step, "first_loss": first_loss,
+            "final_loss": result.loss, "val_loss": val_loss, "run_dir": str(run_dir),
+            "elapsed_s": round(logger.elapsed(), 1), "world_size": runtime.world_size}
+
+
+def _print_summary(summary: dict) -> None:
+    print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']} s "
+          f"on {summary['world_size']} ranks | train loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
+          f" | val loss {summary['val_loss']:.4f} | run in {summary['run_dir']}", flush=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet = os.environ.get("RANK", "0") != "0"
+    try:
+        name, overrides, rest = parse_args(sys.argv[1:] if argv is None else argv)
+        if rest:
+            raise ConfigError(f"train: unknown option {rest[0]!r}")
+        cfg = load_config(name or "tiny", overrides)
+        runtime = init_distributed(cfg.train.device)
+        summary = train(cfg, runtime)
+    except (ConfigError, DataError) as e:
+        if not quiet:
+            print(e, file=sys.stderr)
+        return 2
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    if runtime.rank == 0:
+        _print_summary(summary)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

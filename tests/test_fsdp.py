@@ -1,0 +1,25 @@
+"""FSDP2 training on 2 and 4 gloo ranks equals one process on the same global batch."""
+
+import pytest
+
+from distributed import run_on_ranks
+from equivalence import assert_runs_match, distributed_run, global_batches, reference_run, small_config
+
+STEPS = 3
+
+
+def run_variants(rank, world_size, variants):
+    return [distributed_run(rank, world_size, cfg, batches) for cfg, batches in variants]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_fsdp_matches_single_process(world_size):
+    variants = []
+    for overrides in ({}, {"train.grad_accum": "2"}, {"parallel.activation_checkpoint": "true"},
+                      {"moe.aux_free_bias": "true", "moe.bias_update_rate": "0.01", "train.grad_accum": "2"}):
+        cfg = small_config(**{"train.steps": str(STEPS), **overrides})
+        variants.append((cfg, global_batches(cfg, STEPS, world_size)))
+    results = run_on_ranks(run_variants, world_size, variants)
+    for (cfg, batches), got in zip(variants, results[0]):
+        assert_runs_match(got, reference_run(cfg, batches), rtol=1e-5)
