@@ -54,7 +54,7 @@ class MoEConfig:
 
 @dataclass
 class ParallelConfig:
-    ep: int = 1  # expert-parallel degree
+    ep: int = 1  # expert-parallel degree; 0 = auto: gcd(world size, num_experts)
     dp_shard: int = -1  # -1 = world // ep
     activation_checkpoint: bool = False
     compile: bool = False
@@ -248,7 +248,7 @@ def validate(cfg: Config) -> None:
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     for key in ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
                 "model.ffn_hidden", "model.max_seq_len", "data.seq_len", "data.micro_batch",
-                "train.steps", "train.grad_accum", "parallel.ep", "metrics.log_interval"):
+                "train.steps", "train.grad_accum", "metrics.log_interval"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value >= 1, f"{key} = {value} must be >= 1")
@@ -266,10 +266,11 @@ def validate(cfg: Config) -> None:
         _check(moe.every_n_layers >= 1, f"moe.every_n_layers = {moe.every_n_layers} must be >= 1")
         _check(0 <= moe.first_k_dense <= m.n_layers,
                f"moe.first_k_dense = {moe.first_k_dense} must be between 0 and model.n_layers = {m.n_layers}")
-        _check(moe.num_experts % p.ep == 0,
+        _check(p.ep >= 0, f"parallel.ep = {p.ep} must be >= 1, or 0 for auto")
+        _check(p.ep == 0 or moe.num_experts % p.ep == 0,
                f"parallel.ep = {p.ep} must divide moe.num_experts = {moe.num_experts}")
     else:
-        _check(p.ep == 1, f"parallel.ep = {p.ep} needs moe.num_experts > 0")
+        _check(p.ep in (0, 1), f"parallel.ep = {p.ep} needs moe.num_experts > 0")
     _check(moe.capacity_factor >= 0, f"moe.capacity_factor = {moe.capacity_factor} must be >= 0 (0 = dropless)")
     _check(moe.shared_expert_hidden >= 0, f"moe.shared_expert_hidden = {moe.shared_expert_hidden} must be >= 0")
     _check(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard = {p.dp_shard} must be -1 (the rest) or >= 1")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,12 +18,13 @@ from moe_dist.config import Config, ConfigError, load_config, parse_args, to_tom
 from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
 from moe_dist.data.loader import DataLoader, check_compatible
+from moe_dist.data.prep import read_manifest
 from moe_dist.metrics import MetricsLogger, expert_load_imbalance
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, parallelize
-from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape
-from moe_dist.params import training_flops_per_token
+from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape, resolve_ep
+from moe_dist.params import count_params, training_flops_per_token
 
 Batch = tuple[Tensor, Tensor]
 
@@ -118,6 +120,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 
 def train(cfg: Config, runtime: Runtime) -> dict:
     """The main loop. Returns the summary that rank 0 prints."""
+    cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, runtime.world_size)
     mesh_shape(cfg.parallel, runtime.world_size)  # a bad mesh fails before any collective
     mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
     run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
@@ -125,11 +128,17 @@ def train(cfg: Config, runtime: Runtime) -> dict:
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
     data_dir = prepare_data(cfg)
+    if runtime.rank == 0:  # the run carries its tokenizer, for sampling and export
+        shutil.copyfile(data_dir / read_manifest(data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
     d = cfg.data
     train_data = DataLoader(data_dir, "train", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
     val_data = DataLoader(data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
 
     model = build_model(cfg, mesh, runtime)
+    if runtime.rank == 0:
+        total, active = count_params(cfg)["total"]
+        print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
+              f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {data_dir}", flush=True)
     optimizer = build_optimizer(model, cfg.optim, runtime.device)
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps)

@@ -36,6 +36,9 @@ def apply_fsdp(model: Transformer, mesh: DeviceMesh, mp_policy: MixedPrecisionPo
         for moe in moe_layers(model):
             fully_shard(moe.experts, mesh=expert_mesh, mp_policy=mp_policy)
             moe.experts.set_gradient_divide_factor(expert_grad_divide)
+            if expert_mesh.size() > 1:
+                # Sum, then divide: gloo has no PREMUL_SUM. (Not on one rank, where FSDP would divide twice.)
+                moe.experts.set_force_sum_reduction_for_comms(True)
     for block in model.layers:
         fully_shard(block, mesh=mesh, mp_policy=mp_policy)
     # The root's parameters are needed again at the start of backward: keep them gathered.

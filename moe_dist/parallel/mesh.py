@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -38,6 +39,11 @@ def init_distributed(device: str = "auto") -> Runtime:
         else:  # plain `python -m moe_dist.train`: the same code path with a world of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def resolve_ep(cfg: ParallelConfig, num_experts: int, world_size: int) -> int:
+    """parallel.ep, with 0 (auto) spreading the experts over as many ranks as divide both."""
+    return cfg.ep if cfg.ep > 0 else math.gcd(world_size, max(num_experts, 1))
 
 
 def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:

@@ -1,0 +1,115 @@
+"""Expert parallelism on gloo ranks equals one process on the same weights and global batch."""
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from distributed import run_on_ranks
+from equivalence import (MICRO_BATCH, assert_runs_match, distributed_run, global_batches, reference_run,
+                         small_config, split)
+from moe_dist.config import ConfigError, ParallelConfig
+from moe_dist.model import Transformer, moe_layers
+from moe_dist.parallel.mesh import Runtime, build_mesh, mesh_shape
+from moe_dist.train import build_model, loss_fn, mean_over_ranks
+
+MESHES = [(2, 2), (4, 2), (4, 4)]  # (world size, ep); dp_shard is the rest
+ROUTINGS = [
+    {"moe.top_k": "1"},
+    {"moe.top_k": "2", "moe.score_func": "sigmoid"},
+    {"moe.top_k": "2", "moe.shared_expert_hidden": "32"},
+    {"moe.top_k": "2", "skew": True},  # the last two experts get no tokens at all
+    {"moe.top_k": "1", "moe.capacity_factor": "0.5"},
+]
+
+
+def make_case(routing: dict, world_size: int):
+    overrides = {k: v for k, v in routing.items() if k != "skew"}
+    if routing.get("skew"):
+        overrides.update({"moe.aux_free_bias": "true", "moe.bias_update_rate": "0"})
+    cfg = small_config(**overrides)
+    return cfg, routing.get("skew", False), global_batches(cfg, 1, world_size)[0, 0]
+
+
+def skew(model) -> None:
+    for moe in moe_layers(model):
+        moe.router.expert_bias[-2:] = -1e4  # selection only: the last two experts are never chosen
+
+
+def forward_backward(model, inputs, targets) -> dict:
+    logits, aux_loss = model(inputs)
+    ce = loss_fn(logits, targets)
+    (ce + aux_loss).backward()
+    grads = {}
+    for name, p in model.named_parameters():
+        g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
+        grads[name.replace("_checkpoint_wrapped_module.", "")] = g.clone()
+    return {"logits": logits.detach(), "loss": mean_over_ranks(ce.detach()), "aux_loss": aux_loss.item(),
+            "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
+
+
+def ep_worker(rank, world_size, ep, cases):
+    results = []
+    for cfg, skewed, batch in cases:
+        cfg.parallel.ep = ep
+        model = build_model(cfg, build_mesh(cfg.parallel, world_size, "cpu"),
+                            Runtime(rank, world_size, rank, torch.device("cpu")))
+        if skewed:
+            skew(model)
+        local = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+        results.append(forward_backward(model, *split(local)))
+    return results
+
+
+def reference(cfg, skewed, batch) -> dict:
+    torch.manual_seed(cfg.train.seed)
+    model = Transformer(cfg.model, cfg.moe)
+    if skewed:
+        skew(model)
+    return forward_backward(model, *split(batch))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,ep", MESHES)
+def test_forward_and_gradients_match_single_process(world_size, ep):
+    cases = [make_case(routing, world_size) for routing in ROUTINGS]
+    per_rank = run_on_ranks(ep_worker, world_size, ep, cases)
+    for i, case in enumerate(cases):
+        want = reference(*case)
+        got = [rank_results[i] for rank_results in per_rank]
+        tol = dict(rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(torch.cat([g["logits"] for g in got]), want["logits"], **tol)
+        for g in got:
+            assert abs(g["loss"] - want["loss"]) <= 1e-5 * want["loss"]
+            assert abs(g["aux_loss"] - want["aux_loss"]) <= 1e-5 * want["aux_loss"]
+            for name, grad in want["grads"].items():
+                torch.testing.assert_close(g["grads"][name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(),
+                                           msg=lambda m: f"{ROUTINGS[i]} {name}: {m}")
+        # Capacity drops exactly the pairs that one process drops.
+        assert sum(g["dropped"] for g in got) == want["dropped"]
+        if "moe.capacity_factor" in ROUTINGS[i]:
+            assert want["dropped"] > 0
+
+
+def trajectory_worker(rank, world_size, cfg, batches):
+    return distributed_run(rank, world_size, cfg, batches)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,ep", MESHES)
+def test_ten_steps_follow_single_process(world_size, ep):
+    cfg = small_config(**{"train.steps": "10", "moe.top_k": "2"})
+    batches = global_batches(cfg, 10, world_size)
+    cfg.parallel.ep = ep
+    got = run_on_ranks(trajectory_worker, world_size, cfg, batches)[0]
+    cfg.parallel.ep = 1
+    assert_runs_match(got, reference_run(cfg, batches), rtol=1e-4)
+
+
+def test_bad_mesh_is_refused_before_any_collective():
+    with pytest.raises(ConfigError, match="parallel.ep = 3 must divide the world size 4"):
+        mesh_shape(ParallelConfig(ep=3), 4)
+    with pytest.raises(ConfigError, match=r"parallel.dp_shard = 3 x parallel.ep = 2 must equal the world size 4"):
+        mesh_shape(ParallelConfig(ep=2, dp_shard=3), 4)
+    assert mesh_shape(ParallelConfig(ep=2), 8) == (4, 2)
+    with pytest.raises(ConfigError, match="parallel.ep = 3 must divide moe.num_experts = 8"):
+        small_config(**{"parallel.ep": "3"})
