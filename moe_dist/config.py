@@ -87,7 +87,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = "tiny"
-    steps: int = 100
+    steps: int = 100  # the schedule's length
+    stop_after: int = 0  # stop (checkpointed) at this step, e.g. to fit a job's time limit; 0 = at train.steps
     grad_accum: int = 1
     seed: int = 0
     eval_interval: int = 50  # 0 = only at the end
@@ -99,7 +100,7 @@ class TrainConfig:
 class CheckpointConfig:
     interval: int = 0  # 0 = only at the end
     keep_last: int = 2
-    resume: str = ""  # "" | auto
+    resume: str = ""  # "" | auto (newest checkpoint that verifies, falling back to older ones)
     async_save: bool = False
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
+from moe_dist.checkpoint import Checkpointer, CheckpointError, step_dir_name
 from moe_dist.config import Config, ConfigError, load_config, parse_args, to_toml
 from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
@@ -118,7 +120,24 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def train(cfg: Config, runtime: Runtime) -> dict:
+class Preemption:
+    """SIGTERM (how clusters preempt) asks every rank to checkpoint and exit at the end of the step."""
+
+    def __init__(self):
+        self.requested = False
+        signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def agreed(self) -> bool:
+        """True on every rank when any rank was signalled (ranks may get the signal at different steps)."""
+        flag = torch.tensor([1.0 if self.requested else 0.0])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return flag.item() > 0
+
+
+def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
     """The main loop. Returns the summary that rank 0 prints."""
     cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, runtime.world_size)
     mesh_shape(cfg.parallel, runtime.world_size)  # a bad mesh fails before any collective
@@ -135,51 +154,88 @@ def train(cfg: Config, runtime: Runtime) -> dict:
     val_data = DataLoader(data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
 
     model = build_model(cfg, mesh, runtime)
+    optimizer = build_optimizer(model, cfg.optim, runtime.device)
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size)
+    step, tokens = 0, 0
+    if resume or cfg.checkpoint.resume:
+        path = checkpointer.find_resumable()
+        if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
+        if path is not None:
+            state = checkpointer.load(path, model, optimizer, scheduler)
+            step, tokens = int(state["step"]), int(state["tokens"])
+            train_data.load_state_dict(state["data"])
+        if runtime.rank == 0:
+            print(f"resuming from {path} at step {step}" if path else "no checkpoint to resume from: starting fresh",
+                  flush=True)
     if runtime.rank == 0:
         total, active = count_params(cfg)["total"]
         print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
               f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {data_dir}", flush=True)
-    optimizer = build_optimizer(model, cfg.optim, runtime.device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps)
+    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps, start_step=step)
     tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
     flops_per_token = training_flops_per_token(cfg)
+    preemption = Preemption()
 
-    def run_eval(step: int) -> float:
+    def run_eval(at_step: int) -> float:
         batches = [to_device(next(val_data), runtime.device) for _ in range(cfg.train.eval_steps)]
         val_data.reset()
         loss = evaluate(model, batches)
-        logger.eval(step, loss)
+        logger.eval(at_step, loss)
         return loss
 
-    train_iter = iter(train_data)
-    last_time, last_step = logger.elapsed(), 0
+    def save(at_step: int) -> None:
+        checkpointer.save(at_step, model, optimizer, scheduler,
+                          {"step": at_step, "tokens": tokens, "data": train_data.state_dict()})
+
+    start_step = step
+    last_time, last_step = logger.elapsed(), step
     first_loss = result = val_loss = None
-    for step in range(1, cfg.train.steps + 1):
-        batches = [to_device(next(train_iter), runtime.device) for _ in range(cfg.train.grad_accum)]
+    preempted = False
+    last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+    while step < last:
+        batches = [to_device(next(train_data), runtime.device) for _ in range(cfg.train.grad_accum)]
         result = train_step(model, optimizer, scheduler, batches, cfg.optim.grad_clip)
+        step, tokens = step + 1, tokens + tokens_per_step
         first_loss = result.loss if first_loss is None else first_loss
-        if step % cfg.metrics.log_interval == 0 or step == 1 or step == cfg.train.steps:
+        checkpointer.poll()
+        if step % cfg.metrics.log_interval == 0 or step in (start_step + 1, last):
             now = logger.elapsed()
             tokens_per_s = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
             last_time, last_step = now, step
             metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s,
-                       "tokens": step * tokens_per_step, "flops_per_s": tokens_per_s * flops_per_token}
+                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens,
+                       "flops_per_s": tokens_per_s * flops_per_token}
             if result.expert_load is not None:
                 metrics["expert_load_max_mean"] = expert_load_imbalance(result.expert_load)
                 metrics["dropped"] = result.dropped
             logger.train(step, metrics)
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != cfg.train.steps:
+        if preemption.agreed():
+            preempted = True
+            break
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last:
+            save(step)
+        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != last:
             run_eval(step)
-    val_loss = run_eval(cfg.train.steps)
+    if step > start_step or preempted:
+        save(step)
+    checkpointer.wait()
+    if preempted:
+        if runtime.rank == 0:
+            print(f"SIGTERM: saved {checkpointer.root / step_dir_name(step)}, exiting", flush=True)
+    else:
+        val_loss = run_eval(step)
     logger.close()
-    return {"steps": cfg.train.steps, "tokens": cfg.train.steps * tokens_per_step, "first_loss": first_loss,
-            "final_loss": result.loss, "val_loss": val_loss, "run_dir": str(run_dir),
+    return {"steps": step, "tokens": tokens, "first_loss": first_loss, "preempted": preempted,
+            "final_loss": result.loss if result else None, "val_loss": val_loss, "run_dir": str(run_dir),
             "elapsed_s": round(logger.elapsed(), 1), "world_size": runtime.world_size}
 
 
 def _print_summary(summary: dict) -> None:
+    if summary["preempted"] or summary["final_loss"] is None:
+        print(f"stopped at step {summary['steps']} | run in {summary['run_dir']}", flush=True)
+        return
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']} s "
           f"on {summary['world_size']} ranks | train loss {summary['first_loss']:.4f} -> {summary['final_loss']:.4f}"
           f" | val loss {summary['val_loss']:.4f} | run in {summary['run_dir']}", flush=True)
@@ -189,12 +245,13 @@ def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"
     try:
         name, overrides, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        if rest:
-            raise ConfigError(f"train: unknown option {rest[0]!r}")
+        unknown = [arg for arg in rest if arg != "--resume"]
+        if unknown:
+            raise ConfigError(f"train: unknown option {unknown[0]!r} (options: --config, --resume, --section.field)")
         cfg = load_config(name or "tiny", overrides)
         runtime = init_distributed(cfg.train.device)
-        summary = train(cfg, runtime)
-    except (ConfigError, DataError) as e:
+        summary = train(cfg, runtime, resume="--resume" in rest)
+    except (ConfigError, DataError, CheckpointError) as e:
         if not quiet:
             print(e, file=sys.stderr)
         return 2

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,19 @@ def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
 
 
+@dataclass
+class KVCache:
+    """Preallocated keys and values of every layer: [n_layers, B, n_kv_heads, max_seq_len, head_dim]."""
+
+    k: Tensor
+    v: Tensor
+
+    @classmethod
+    def empty(cls, cfg: ModelConfig, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.dim // cfg.n_heads)
+        return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
+
+
 class Attention(nn.Module):
     """Causal grouped-query attention through scaled_dot_product_attention."""
 
@@ -40,13 +54,24 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
+                start_pos: int = 0) -> Tensor:
+        """x holds positions start_pos...; kv, this layer's (keys, values) cache, receives them."""
         batch, seq_len, _ = x.shape
         q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=self.n_kv_heads != self.n_heads)
+        mask = None
+        if kv is not None:
+            end = start_pos + seq_len
+            kv[0][:, :, start_pos:end] = k
+            kv[1][:, :, start_pos:end] = v
+            k, v = kv[0][:, :, :end], kv[1][:, :, :end]
+            if start_pos > 0:  # the new queries see every cached key and the causal part of their own block
+                mask = torch.ones(seq_len, end, dtype=torch.bool, device=x.device).tril(diagonal=start_pos)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
+                                             enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
 
 
@@ -63,8 +88,9 @@ class Block(nn.Module):
         self.ffn_norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.ffn = MoE(cfg.dim, moe) if is_moe_layer(layer_id, moe) else FeedForward(cfg.dim, cfg.ffn_hidden)
 
-    def forward(self, x: Tensor, cos: Tensor, sin: Tensor) -> tuple[Tensor, Tensor]:
-        x = x + self.attention(self.attention_norm(x), cos, sin)
+    def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
+                start_pos: int = 0) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos)
         if isinstance(self.ffn, MoE):
             out, aux_loss = self.ffn(self.ffn_norm(x))
         else:
@@ -73,7 +99,11 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-    """tokens [B, S] -> (logits [B, S, V], aux_loss summed over the MoE layers)."""
+    """tokens [B, S] -> (logits [B, S, V], aux_loss summed over the MoE layers).
+
+    For inference, `cache` (a KVCache) keeps the keys and values of the positions before
+    `start_pos`, so that only the new tokens need to be fed.
+    """
 
     def __init__(self, cfg: ModelConfig, moe: MoEConfig):
         super().__init__()
@@ -107,12 +137,17 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: Tensor) -> tuple[Tensor, Tensor]:
-        seq_len = tokens.shape[1]
-        cos, sin = self.rope_cos[:seq_len], self.rope_sin[:seq_len]
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> tuple[Tensor, Tensor]:
+        end = start_pos + tokens.shape[1]
+        if end > self.cfg.max_seq_len:
+            raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
+        if start_pos and cache is None:
+            raise ValueError("start_pos > 0 needs the KVCache that holds the earlier positions")
+        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
         h = self.tok_embeddings(tokens)
         aux_loss = torch.zeros((), device=h.device)
-        for layer in self.layers:
-            h, layer_aux = layer(h, cos, sin)
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else (cache.k[i], cache.v[i])
+            h, layer_aux = layer(h, cos, sin, kv, start_pos)
             aux_loss = aux_loss + layer_aux
         return self.output(self.norm(h)), aux_loss

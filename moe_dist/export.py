@@ -1,0 +1,201 @@
+"""python -m moe_dist.export: a checkpoint as one safetensors file for one device, or as a Hugging Face Mixtral.
+
+Also the single-process loader that moe_dist.generate uses: a run dir (its `latest` checkpoint), a
+checkpoint step-<N> dir (torch.distributed.checkpoint) or an export dir (model.safetensors).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+from safetensors.torch import load_file, save_file
+from torch import Tensor
+
+from moe_dist.config import Config, ConfigError, load_config, to_toml
+from moe_dist.data import DataError, one_line
+from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
+from moe_dist.model import Transformer
+from moe_dist.model.transformer import is_moe_layer
+
+WEIGHTS = "model.safetensors"
+CONFIG = "config.toml"
+TOKENIZER = "tokenizer.json"
+DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint: the step dir is complete
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+class ExportError(RuntimeError):
+    """A checkpoint that cannot be found, read or converted; the message is one line naming it."""
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The directory holding the weights: a step dir or export dir as given, a run dir's `latest` checkpoint."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ExportError(f"checkpoint {path}: no such directory")
+    if (path / DCP_METADATA).is_file() or (path / WEIGHTS).is_file():
+        return path
+    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+    latest = root / "latest"
+    if latest.is_file():
+        step = root / latest.read_text().strip()
+        if not (step / DCP_METADATA).is_file():
+            raise ExportError(f"checkpoint {step}: named by {latest} but missing or incomplete")
+        return step
+    if root != path:
+        raise ExportError(f"checkpoint {root}: no 'latest' file, the run has no complete checkpoint")
+    raise ExportError(f"checkpoint {path}: not a run dir, a checkpoint dir ({DCP_METADATA}) "
+                      f"or an export dir ({WEIGHTS})")
+
+
+def _beside(checkpoint: Path, name: str) -> Path | None:
+    """`name` in the checkpoint dir, else in the run dir above checkpoints/step-<N>/."""
+    for candidate in (checkpoint / name, checkpoint.parent.parent / name):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | None]:
+    """(model in eval mode on CPU, its config, its tokenizer.json or None) from a run, checkpoint or export dir."""
+    checkpoint = resolve_checkpoint(path)
+    config_path = _beside(checkpoint, CONFIG)
+    if config_path is None:
+        raise ExportError(f"checkpoint {checkpoint}: no {CONFIG} in it or in its run dir")
+    cfg = load_config(str(config_path))
+    model = Transformer(cfg.model, cfg.moe)
+    try:
+        if (checkpoint / WEIGHTS).is_file():
+            state = load_file(checkpoint / WEIGHTS)
+        else:
+            loaded = {"model": model.state_dict()}
+            with warnings.catch_warnings():  # DCP warns that it loads in one process, which is the point here
+                warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+                dcp.load(loaded, checkpoint_id=checkpoint, no_dist=True)
+            state = loaded["model"]
+        model.load_state_dict(state)
+    except Exception as e:  # DCP and safetensors raise assorted types for unreadable or mismatched files
+        raise ExportError(f"checkpoint {checkpoint}: cannot load its weights into the model of {config_path} "
+                          f"({one_line(e)})") from None
+    return model.eval(), cfg, _beside(checkpoint, TOKENIZER)
+
+
+def consolidated_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The model's state dict as contiguous CPU tensors, parameters cast to `dtype`."""
+    params = {name for name, _ in model.named_parameters()}
+    # Buffers (the routing selection bias) keep their dtype: rounding them would change which experts are chosen.
+    return {name: (t.to(dtype) if name in params else t).detach().cpu().contiguous()
+            for name, t in model.state_dict().items()}
+
+
+def hf_blocker(cfg: Config, model: Transformer) -> str | None:
+    """The config key that keeps the model from mapping onto Hugging Face Mixtral, as a phrase; None if it maps."""
+    moe = cfg.moe
+    if moe.num_experts == 0:
+        return "moe.num_experts = 0 (a dense model; Mixtral's layers are all MoE)"
+    if moe.score_func != "softmax":
+        return f"moe.score_func = {moe.score_func!r} (Mixtral routes with softmax)"
+    if not moe.renormalize:
+        return "moe.renormalize = false (Mixtral renormalises the top-k weights)"
+    if moe.shared_expert_hidden:
+        return f"moe.shared_expert_hidden = {moe.shared_expert_hidden} (Mixtral has no shared expert)"
+    if moe.capacity_factor:
+        return f"moe.capacity_factor = {moe.capacity_factor} (Mixtral never drops tokens)"
+    if moe.first_k_dense:
+        return f"moe.first_k_dense = {moe.first_k_dense} (Mixtral has no dense layers)"
+    if not all(is_moe_layer(i, moe) for i in range(cfg.model.n_layers)):
+        return f"moe.every_n_layers = {moe.every_n_layers} (Mixtral has no dense layers)"
+    if moe.aux_free_bias and any(layer.ffn.router.expert_bias.any() for layer in model.layers):
+        return "moe.aux_free_bias = true with a nonzero learned expert_bias (Mixtral has no selection bias)"
+    return None
+
+
+def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, Tensor]:
+    """The weights under Hugging Face Mixtral names and layouts (nn.Linear weights are [out, in])."""
+    out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
+           "lm_head.weight": model.output.weight}
+    for i, layer in enumerate(model.layers):
+        prefix = f"model.layers.{i}."
+        for name in "qkvo":
+            out[f"{prefix}self_attn.{name}_proj.weight"] = getattr(layer.attention, f"w{name}").weight
+        out[prefix + "input_layernorm.weight"] = layer.attention_norm.weight
+        out[prefix + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
+        out[prefix + "block_sparse_moe.gate.weight"] = layer.ffn.router.gate.weight
+        experts = layer.ffn.experts
+        for j in range(experts.w1.shape[0]):  # ours: w1, w3 [E, D, H] and w2 [E, H, D], applied as x @ w
+            for name in ("w1", "w2", "w3"):
+                out[f"{prefix}block_sparse_moe.experts.{j}.{name}.weight"] = getattr(experts, name)[j].T
+    return {name: t.detach().to(dtype).cpu().contiguous() for name, t in out.items()}
+
+
+def hf_config(cfg: Config, dtype: str, eos: int | None) -> dict:
+    """config.json for transformers' MixtralForCausalLM."""
+    m, moe = cfg.model, cfg.moe
+    return {
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "torch_dtype": dtype,
+        "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": moe.expert_hidden,
+        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
+        "head_dim": m.dim // m.n_heads, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
+        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "initializer_range": m.init_std,
+        "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
+        "router_aux_loss_coef": moe.aux_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False,
+        "sliding_window": None, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
+        # Our tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
+        "bos_token_id": eos, "eos_token_id": eos,
+    }
+
+
+def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = "float32") -> Path:
+    """Write the checkpoint at `path` to `out` as model.safetensors + config + tokenizer; returns `out`."""
+    model, cfg, tokenizer_path = load_for_inference(path)
+    if fmt == "hf":
+        reason = hf_blocker(cfg, model)
+        if reason is not None:
+            raise ExportError(f"export: --format hf needs a Mixtral-shaped model, but {reason}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fmt == "hf":
+        eos = eos_id(load_tokenizer(tokenizer_path), tokenizer_path) if tokenizer_path else None
+        save_file(hf_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
+        (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype, eos), indent=2) + "\n")
+        if tokenizer_path:
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS_TOKEN,
+                                "eos_token": EOS_TOKEN, "model_max_length": cfg.model.max_seq_len,
+                                "clean_up_tokenization_spaces": False}
+            (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+    else:
+        save_file(consolidated_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
+        (out / CONFIG).write_text(to_toml(cfg))
+    if tokenizer_path:
+        shutil.copyfile(tokenizer_path, out / TOKENIZER)
+    else:
+        print(f"export: no {TOKENIZER} found beside {path}; exported without one", file=sys.stderr)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m moe_dist.export", description=__doc__.splitlines()[0])
+    parser.add_argument("checkpoint", help="run dir (its latest checkpoint), checkpoints/step-<N> dir or export dir")
+    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--format", default="native", choices=("native", "hf"),
+                        help="native: for moe_dist.generate; hf: a transformers MixtralForCausalLM directory")
+    parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
+    args = parser.parse_args(argv)
+    try:
+        out = export(args.checkpoint, args.out, args.format, args.dtype)
+    except (ExportError, ConfigError, DataError) as e:
+        print(e, file=sys.stderr)
+        return 2
+    print(f"exported {args.checkpoint} to {out} ({args.format}, {args.dtype})")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,58 @@
+"""Start the trainer as a subprocess (plain or under torchrun) and read what it wrote."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed.checkpoint as dcp
+
+from moe_dist.config import load_config
+from moe_dist.model import Transformer
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def trainer_command(nproc: int = 1, max_restarts: int = 0) -> list[str]:
+    if nproc == 1 and not max_restarts:
+        return [sys.executable, "-m", "moe_dist.train"]
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+            f"--max-restarts={max_restarts}", "-m", "moe_dist.train"]
+
+
+def trainer_args(runs_dir: Path, data_dir: Path | None, *args: str) -> list[str]:
+    data = ["--data.path", str(data_dir), "--model.vocab_size", "512"] if data_dir else []
+    return ["--metrics.runs_dir", str(runs_dir), "--metrics.log_interval", "1", "--train.eval_steps", "1", *data,
+            *args]
+
+
+def start_trainer(cmd: list[str], **kwargs) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            **kwargs)
+
+
+def run_trainer(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_losses(run_dir: Path) -> dict[int, float]:
+    """step -> training loss from metrics.jsonl (a restarted step keeps its last value)."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return {}
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:
+    """The model weights of a DCP checkpoint, read in this process without a process group."""
+    cfg = load_config(str(step_dir / "config.toml"))
+    state = {"model": Transformer(cfg.model, cfg.moe).state_dict()}
+    dcp.load(state, checkpoint_id=step_dir, no_dist=True)
+    return state["model"]
