@@ -17,6 +17,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 from torch import Tensor
+from torch.distributed.checkpoint.api import CheckpointException
 
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
@@ -81,7 +82,9 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | No
                 dcp.load(loaded, checkpoint_id=checkpoint, no_dist=True)
             state = loaded["model"]
         model.load_state_dict(state)
-    except Exception as e:  # DCP and safetensors raise assorted types for unreadable or mismatched files
+    except (Exception, CheckpointException) as e:  # assorted types for unreadable or mismatched files
+        if isinstance(e, CheckpointException):  # a BaseException wrapping what failed on each rank
+            e = next(iter(e.failures.values()))[0]
         raise ExportError(f"checkpoint {checkpoint}: cannot load its weights into the model of {config_path} "
                           f"({one_line(e)})") from None
     return model.eval(), cfg, _beside(checkpoint, TOKENIZER)

@@ -35,7 +35,12 @@ def init_distributed(device: str = "auto") -> Runtime:
     if not dist.is_initialized():
         backend = "nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
-            dist.init_process_group(backend, device_id=dev if use_cuda else None)
+            store, rank, world_size = next(dist.rendezvous("env://"))
+            # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the
+            # restarted ranks read the dead ones' addresses (gloo: "connectFullMesh ... refused").
+            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
+                                    world_size=world_size, device_id=dev if use_cuda else None)
         else:  # plain `python -m moe_dist.train`: the same code path with a world of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
