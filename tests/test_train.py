@@ -1,9 +1,6 @@
 """The trainer end to end: torchrun, a plain process, bad input, the bias update."""
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -11,16 +8,10 @@ import torch
 
 from equivalence import global_batches, small_config, train_steps
 from moe_dist.model import Transformer, moe_layers
+from runs import run_trainer, trainer_command
 
-REPO = Path(__file__).resolve().parent.parent
 QUICK = ["--train.steps", "12", "--metrics.log_interval", "4", "--train.eval_interval", "6",
          "--train.eval_steps", "2", "--optim.warmup_steps", "2", "--optim.lr", "1e-2"]
-
-
-def run_trainer(cmd: list[str], runs_dir: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    return subprocess.run(cmd + ["--metrics.runs_dir", str(runs_dir), *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=600)
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
@@ -28,9 +19,8 @@ def read_metrics(run_dir: Path) -> list[dict]:
 
 
 @pytest.mark.slow
-def test_torchrun_two_ranks(tmp_path):
-    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "moe_dist.train"]
-    result = run_trainer(torchrun, tmp_path, *QUICK)
+def test_torchrun_two_ranks_on_the_default_corpus(tmp_path):
+    result = run_trainer(trainer_command(2) + ["--metrics.runs_dir", str(tmp_path), *QUICK])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "done: 12 steps" in result.stdout and "dp_shard 1 x ep 2" in result.stdout
     records = read_metrics(tmp_path / "tiny")
@@ -45,7 +35,7 @@ def test_torchrun_two_ranks(tmp_path):
 
 @pytest.mark.slow
 def test_plain_process_without_torchrun(tmp_path):
-    result = run_trainer([sys.executable, "-m", "moe_dist.train"], tmp_path, *QUICK, "--train.name", "solo")
+    result = run_trainer(trainer_command() + ["--metrics.runs_dir", str(tmp_path), *QUICK, "--train.name", "solo"])
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 ranks = dp_shard 1 x ep 1" in result.stdout
     train = [r for r in read_metrics(tmp_path / "solo") if r["kind"] == "train"]
@@ -59,7 +49,7 @@ def test_plain_process_without_torchrun(tmp_path):
     (["--bogus"], "train: unknown option '--bogus'"),
 ])
 def test_bad_input_is_one_line(tmp_path, args, message):
-    result = run_trainer([sys.executable, "-m", "moe_dist.train"], tmp_path, *args)
+    result = run_trainer(trainer_command() + ["--metrics.runs_dir", str(tmp_path), *args])
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
 
