@@ -43,6 +43,13 @@ def _write_atomically(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
+def seal(path: Path, step: int, world_size: int) -> None:
+    """Write COMPLETE: every file of the checkpoint with its size, so that a lost or cut file shows."""
+    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
+    _write_atomically(path / COMPLETE, json.dumps({"step": step, "world_size": world_size, "files": files},
+                                                  indent=1))
+
+
 def verify(path: Path) -> None:
     """CheckpointError naming the first file that is missing or has the wrong size."""
     manifest = path / COMPLETE
@@ -142,9 +149,7 @@ class Checkpointer:
         if self.rank == 0:
             tmp = self.root / f".{step_dir_name(step)}.tmp"
             shutil.copyfile(self.run_dir / "config.toml", tmp / "config.toml")
-            files = {p.name: p.stat().st_size for p in sorted(tmp.iterdir()) if p.is_file()}
-            _write_atomically(tmp / COMPLETE, json.dumps({"step": step, "world_size": self.world_size,
-                                                          "files": files}, indent=1))
+            seal(tmp, step, self.world_size)
             final = self.root / step_dir_name(step)
             if final.exists():  # a re-run of the same step after a restart
                 shutil.rmtree(final)

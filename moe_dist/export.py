@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
+from moe_dist.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, verify
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
 from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
@@ -28,7 +29,7 @@ from moe_dist.model.transformer import is_moe_layer
 WEIGHTS = "model.safetensors"
 CONFIG = "config.toml"
 TOKENIZER = "tokenizer.json"
-DCP_METADATA = ".metadata"  # written last by torch.distributed.checkpoint: the step dir is complete
+DCP_METADATA = ".metadata"  # torch.distributed.checkpoint's index: a step dir, complete or not
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
@@ -37,31 +38,33 @@ class ExportError(RuntimeError):
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """The directory holding the weights: a step dir or export dir as given, a run dir's `latest` checkpoint."""
+    """The directory holding the weights: an export dir or step dir as given, a run dir's `latest` checkpoint."""
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"checkpoint {path}: no such directory")
-    if (path / DCP_METADATA).is_file() or (path / WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file():
         return path
-    root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
-    latest = root / "latest"
-    if latest.is_file():
-        step = root / latest.read_text().strip()
-        if not (step / DCP_METADATA).is_file():
-            raise ExportError(f"checkpoint {step}: named by {latest} but missing or incomplete")
-        return step
-    if root != path:
-        raise ExportError(f"checkpoint {root}: no 'latest' file, the run has no complete checkpoint")
-    raise ExportError(f"checkpoint {path}: not a run dir, a checkpoint dir ({DCP_METADATA}) "
-                      f"or an export dir ({WEIGHTS})")
+    if (path / COMPLETE).is_file() or (path / DCP_METADATA).is_file():
+        step = path
+    else:
+        root = path / "checkpoints" if (path / "checkpoints").is_dir() else path
+        step = latest_checkpoint(root)
+        if step is None:
+            raise ExportError(f"checkpoint {path}: no 'latest' checkpoint; not a run dir, a checkpoint dir "
+                              f"({COMPLETE}) or an export dir ({WEIGHTS})")
+    try:
+        verify(step)
+    except CheckpointError as e:
+        raise ExportError(str(e)) from None
+    return step
 
 
 def _beside(checkpoint: Path, name: str) -> Path | None:
     """`name` in the checkpoint dir, else in the run dir above checkpoints/step-<N>/."""
-    for candidate in (checkpoint / name, checkpoint.parent.parent / name):
-        if candidate.is_file():
-            return candidate
-    return None
+    candidates = [checkpoint / name]
+    if checkpoint.parent.name == "checkpoints":
+        candidates.append(checkpoint.parent.parent / name)
+    return next((c for c in candidates if c.is_file()), None)
 
 
 def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | None]:
@@ -69,7 +72,8 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | No
     checkpoint = resolve_checkpoint(path)
     config_path = _beside(checkpoint, CONFIG)
     if config_path is None:
-        raise ExportError(f"checkpoint {checkpoint}: no {CONFIG} in it or in its run dir")
+        hint = " (a --format hf export is for transformers)" if (checkpoint / "config.json").is_file() else ""
+        raise ExportError(f"checkpoint {checkpoint}: no {CONFIG} in it or in its run dir{hint}")
     cfg = load_config(str(config_path))
     model = Transformer(cfg.model, cfg.moe)
     try:

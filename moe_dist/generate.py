@@ -11,7 +11,7 @@ from torch import Tensor
 
 from moe_dist.config import ConfigError
 from moe_dist.data import DataError
-from moe_dist.data.tokenizer import eos_id, load_tokenizer
+from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
 from moe_dist.export import ExportError, load_for_inference
 from moe_dist.model.transformer import KVCache, Transformer
 
@@ -89,10 +89,10 @@ def main(argv: list[str] | None = None) -> int:
     except (ExportError, ConfigError, DataError) as e:
         print(e, file=sys.stderr)
         return 2
-    # Documents start after <|endoftext|> in training, so the prompt does too.
+    # Documents start after EOS_TOKEN in training, so the prompt does too.
     prompt_ids = [eos] + tokenizer.encode(args.prompt).ids
     if len(prompt_ids) > cfg.model.max_seq_len:
-        print(f"generate: the prompt is {len(prompt_ids)} tokens (with <|endoftext|> in front), "
+        print(f"generate: the prompt is {len(prompt_ids)} tokens (with {EOS_TOKEN} in front), "
               f"more than model.max_seq_len = {cfg.model.max_seq_len}", file=sys.stderr)
         return 2
     model.to(device)
@@ -112,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     text_ids = new_ids[: new_ids.index(eos)] if eos in new_ids else new_ids
     print(args.prompt + tokenizer.decode(text_ids))
     if eos in new_ids:
-        stop = "<|endoftext|>"
+        stop = EOS_TOKEN
     elif len(new_ids) < args.max_new_tokens:
         stop = f"model.max_seq_len = {cfg.model.max_seq_len}"
     else:

@@ -24,11 +24,15 @@ def _clock(seconds: float) -> str:
 class MetricsLogger:
     """Rank 0 prints one line per log interval and appends every record to metrics.jsonl; other ranks do nothing."""
 
-    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int = 0):
+    def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, tokens_per_step: int,
+                 flops_per_token: int):
         self.enabled = rank == 0
         self.total_steps = total_steps
         self.start_step = start_step
+        self.tokens_per_step = tokens_per_step
+        self.flops_per_token = flops_per_token
         self.start = time.perf_counter()
+        self.last_time, self.last_step = 0.0, start_step  # throughput is measured between log lines
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
 
     def elapsed(self) -> float:
@@ -40,7 +44,11 @@ class MetricsLogger:
             self.file.flush()
 
     def train(self, step: int, metrics: dict) -> None:
-        self.write({"kind": "train", "step": step, "elapsed": round(self.elapsed(), 3), **metrics})
+        now = self.elapsed()
+        tokens_per_s = self.tokens_per_step * (step - self.last_step) / max(now - self.last_time, 1e-9)
+        self.last_time, self.last_step = now, step
+        metrics = {**metrics, "tokens_per_s": tokens_per_s, "flops_per_s": tokens_per_s * self.flops_per_token}
+        self.write({"kind": "train", "step": step, "elapsed": round(now, 3), **metrics})
         if not self.enabled:
             return
         done = max(1, step - self.start_step)

@@ -120,6 +120,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
+def resume_from_checkpoint(checkpointer: Checkpointer, cfg: Config, model, optimizer, scheduler) -> dict | None:
+    """Load the newest usable checkpoint; returns its train state, or None to start fresh."""
+    path = checkpointer.find_resumable()
+    if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
+        raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
+    if checkpointer.rank == 0:
+        print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
+    return checkpointer.load(path, model, optimizer, scheduler) if path is not None else None
+
+
 class Preemption:
     """SIGTERM (how clusters preempt) asks every rank to checkpoint and exit at the end of the step."""
 
@@ -159,23 +169,17 @@ def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size)
     step, tokens = 0, 0
     if resume or cfg.checkpoint.resume:
-        path = checkpointer.find_resumable()
-        if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
-            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
-        if path is not None:
-            state = checkpointer.load(path, model, optimizer, scheduler)
+        state = resume_from_checkpoint(checkpointer, cfg, model, optimizer, scheduler)
+        if state is not None:
             step, tokens = int(state["step"]), int(state["tokens"])
             train_data.load_state_dict(state["data"])
-        if runtime.rank == 0:
-            print(f"resuming from {path} at step {step}" if path else "no checkpoint to resume from: starting fresh",
-                  flush=True)
     if runtime.rank == 0:
         total, active = count_params(cfg)["total"]
         print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
               f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {data_dir}", flush=True)
-    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps, start_step=step)
     tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
-    flops_per_token = training_flops_per_token(cfg)
+    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps, step, tokens_per_step,
+                           training_flops_per_token(cfg))
     preemption = Preemption()
 
     def run_eval(at_step: int) -> float:
@@ -190,7 +194,6 @@ def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
                           {"step": at_step, "tokens": tokens, "data": train_data.state_dict()})
 
     start_step = step
-    last_time, last_step = logger.elapsed(), step
     first_loss = result = val_loss = None
     preempted = False
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
@@ -201,12 +204,8 @@ def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
         first_loss = result.loss if first_loss is None else first_loss
         checkpointer.poll()
         if step % cfg.metrics.log_interval == 0 or step in (start_step + 1, last):
-            now = logger.elapsed()
-            tokens_per_s = tokens_per_step * (step - last_step) / max(now - last_time, 1e-9)
-            last_time, last_step = now, step
             metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": result.grad_norm, "tokens_per_s": tokens_per_s, "tokens": tokens,
-                       "flops_per_s": tokens_per_s * flops_per_token}
+                       "grad_norm": result.grad_norm, "tokens": tokens}
             if result.expert_load is not None:
                 metrics["expert_load_max_mean"] = expert_load_imbalance(result.expert_load)
                 metrics["dropped"] = result.dropped

@@ -12,6 +12,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 
 from moe_dist import export
+from moe_dist.checkpoint import seal
 from moe_dist.config import load_config, to_toml
 from moe_dist.data.tokenizer import load_tokenizer, train_tokenizer
 from moe_dist.model import Transformer
@@ -39,6 +40,7 @@ def make_run(root: Path, expert_bias: list[float] | None = None, **overrides: st
         dcp.save({"model": model.state_dict()}, checkpoint_id=step, no_dist=True)
     (root / "config.toml").write_text(to_toml(cfg))
     shutil.copyfile(root / "config.toml", step / "config.toml")
+    seal(step, 3, world_size=1)
     (root / "checkpoints" / "latest").write_text("step-3")
     train_tokenizer([TEXT], 300).save(str(root / "tokenizer.json"))
     return root, model.eval()
