@@ -106,14 +106,23 @@ def _wait_for(condition, proc, timeout=300):
         time.sleep(0.005)
 
 
+CRASH_ARGS = ["--train.steps", "24", "--checkpoint.interval", "4", "--checkpoint.resume", "auto",
+              "--train.eval_interval", "0"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory, prepared_data):
+    """Losses of the crash tests' run on 2 ranks with nothing killed."""
+    runs_dir = tmp_path_factory.mktemp("uninterrupted")
+    result = run_trainer(trainer_command(2) + trainer_args(runs_dir, prepared_data, *CRASH_ARGS))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return train_losses(runs_dir / "tiny")
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("during_save", [False, True])
-def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, during_save):
-    args = ["--train.steps", "24", "--checkpoint.interval", "4", "--checkpoint.resume", "auto",
-            "--train.eval_interval", "0"]
-    reference = run_trainer(trainer_command(2) + trainer_args(tmp_path / "ref", prepared_data, *args))
-    assert reference.returncode == 0, reference.stderr[-3000:]
-
+def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, uninterrupted, during_save):
+    args = CRASH_ARGS
     proc = start_trainer(trainer_command(2, max_restarts=1) + trainer_args(tmp_path / "crash", prepared_data, *args))
     run_dir = tmp_path / "crash" / "tiny"
     if during_save:  # kill the moment the step-12 checkpoint starts being written
@@ -127,7 +136,7 @@ def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, d
     resumed_from = int(out.split("resuming from")[1].split("step-")[1].split()[0])
     assert resumed_from in (4, 8, 12)
     verify(latest_checkpoint(run_dir / "checkpoints"))
-    ref, got = train_losses(tmp_path / "ref" / "tiny"), train_losses(run_dir)
+    ref, got = uninterrupted, train_losses(run_dir)
     assert sorted(got) == list(range(1, 25))
     for step in range(resumed_from + 1, 25):  # the trajectory after the restart
         assert got[step] == ref[step], (step, got[step], ref[step])

@@ -8,7 +8,7 @@ import torch
 
 from equivalence import global_batches, small_config, train_steps
 from moe_dist.model import Transformer, moe_layers
-from runs import run_trainer, trainer_command
+from runs import run_trainer, trainer_args, trainer_command
 
 QUICK = ["--train.steps", "12", "--metrics.log_interval", "4", "--train.eval_interval", "6",
          "--train.eval_steps", "2", "--optim.warmup_steps", "2", "--optim.lr", "1e-2"]
@@ -34,8 +34,8 @@ def test_torchrun_two_ranks_on_the_default_corpus(tmp_path):
 
 
 @pytest.mark.slow
-def test_plain_process_without_torchrun(tmp_path):
-    result = run_trainer(trainer_command() + ["--metrics.runs_dir", str(tmp_path), *QUICK, "--train.name", "solo"])
+def test_plain_process_without_torchrun(tmp_path, prepared_data):
+    result = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *QUICK, "--train.name", "solo"))
     assert result.returncode == 0, result.stderr[-3000:]
     assert "1 ranks = dp_shard 1 x ep 1" in result.stdout
     train = [r for r in read_metrics(tmp_path / "solo") if r["kind"] == "train"]
