@@ -89,6 +89,9 @@ def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
     return torch.cat([g @ w_e for g, w_e in zip(groups, w.unbind(0))])
 
 
+# Variable-size groups run eagerly under torch.compile: the padded path syncs with the host, and
+# dynamo's shape rules for torch._grouped_mm accept only bf16 while the CPU kernel also takes fp32.
+@torch.compiler.disable
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """`x [N, K]` grouped by `counts [E]`, `w [E, K, M]` -> `[N, M]`: group e times w[e]."""
     if backend == "auto":
@@ -103,6 +106,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> T
     raise ValueError(f"grouped_mm: unknown backend {backend!r} (valid: auto, {', '.join(BACKENDS)})")
 
 
+@torch.compiler.disable
 def grouped_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """SwiGLU experts on grouped rows: `(silu(x w1[e]) * (x w3[e])) w2[e]` for each group e."""
     if backend == "auto":

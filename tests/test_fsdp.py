@@ -23,3 +23,15 @@ def test_fsdp_matches_single_process(world_size):
     results = run_on_ranks(run_variants, world_size, variants)
     for (cfg, batches), got in zip(variants, results[0]):
         assert_runs_match(got, reference_run(cfg, batches), rtol=1e-5)
+
+
+def compile_worker(rank, world_size, cfg, batches):
+    return distributed_run(rank, world_size, cfg, batches)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match_eager():
+    cfg = small_config(**{"train.steps": "2", "model.n_layers": "2", "parallel.compile": "true"})
+    batches = global_batches(cfg, 2, 1)
+    compiled = run_on_ranks(compile_worker, 1, cfg, batches)[0]
+    assert_runs_match(compiled, reference_run(cfg, batches), rtol=1e-5)

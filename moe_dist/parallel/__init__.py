@@ -30,6 +30,9 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
             apply_expert_parallel(moe, ep_mesh)
     if cfg.activation_checkpoint:
         apply_activation_checkpointing(model)
+    if cfg.compile:  # per block, in place (parameter names unchanged); the grouped GEMMs stay eager
+        for block in model.layers:
+            block.compile()
     mp_policy = mixed_precision(cfg.param_dtype, cfg.reduce_dtype, device)
     if ep_mesh.size() > 1:
         # An expert sees the tokens of its whole EP group, so its summed gradient is ep times a

@@ -1,0 +1,90 @@
+"""Wall time of one training step with expert parallelism against without, same global batch, one run.
+
+    python benchmarks/ep_step.py [--world 4] [--config tiny] [--steps 10]
+
+Spawns `world` gloo ranks on CPU (NCCL on GPUs); each builds the model at ep = 1 and at ep = world
+in turn and times the same steps on the same tokens.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from moe_dist.config import load_config
+from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.train import build_model, train_step
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def time_steps(rank: int, world: int, config: str, ep: int, steps: int, device: torch.device) -> list[float]:
+    cfg = load_config(config, {"parallel.ep": ep})
+    model = build_model(cfg, build_mesh(cfg.parallel, world, device.type), Runtime(rank, world, rank, device))
+    optimizer = build_optimizer(model, cfg.optim, device)
+    scheduler = build_scheduler(optimizer, cfg.optim, steps + 2)
+    gen = torch.Generator().manual_seed(rank)
+    times = []
+    for i in range(steps + 2):  # two warm-up steps
+        windows = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1), generator=gen)
+        batch = (windows[:, :-1].to(device), windows[:, 1:].to(device))
+        dist.barrier()
+        start = time.perf_counter()
+        train_step(model, optimizer, scheduler, [batch], cfg.optim.grad_clip)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dist.barrier()
+        if i >= 2:
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def worker(rank: int, world: int, store_dir: str, config: str, steps: int) -> None:
+    torch.set_num_threads(1)
+    use_cuda = torch.cuda.is_available()
+    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
+    if use_cuda:
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store_dir}/store",
+                            rank=rank, world_size=world)
+    medians = {ep: statistics.median(time_steps(rank, world, config, ep, steps, device)) for ep in (1, world)}
+    if rank == 0:
+        cfg = load_config(config)
+        tokens = world * cfg.data.micro_batch * cfg.data.seq_len
+        rows = [{"ep": ep, "dp_shard": world // ep, "step_ms": 1e3 * t, "tokens_per_s": tokens / t,
+                 "time_vs_ep1": t / medians[1]} for ep, t in medians.items()]
+        print(f"| config {config}, world {world}, {device.type}, global batch {tokens} tokens | | | | |")
+        print("| ep | dp_shard | step (ms, median) | tokens/s | time vs ep=1 |\n|---|---|---|---|---|")
+        for r in rows:
+            print(f"| {r['ep']} | {r['dp_shard']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} "
+                  f"| {r['time_vs_ep1']:.2f}x |")
+        RESULTS.mkdir(exist_ok=True)
+        (RESULTS / "ep_step.json").write_text(json.dumps(
+            {"config": config, "world": world, "device": device.type, "torch": torch.__version__,
+             "date": time.strftime("%Y-%m-%d"), "rows": rows}, indent=1))
+    dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--world", type=int, default=4)
+    parser.add_argument("--config", default="tiny")
+    parser.add_argument("--steps", type=int, default=10)
+    args = parser.parse_args()
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    with tempfile.TemporaryDirectory() as store_dir:
+        mp.spawn(worker, args=(args.world, store_dir, args.config, args.steps), nprocs=args.world)
+
+
+if __name__ == "__main__":
+    main()
