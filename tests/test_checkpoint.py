@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from distributed import run_on_ranks
-from equivalence import MICRO_BATCH, full_parameters, global_batches, small_config, split
+from equivalence import full_parameters, global_batches, small_config, split
 from moe_dist.checkpoint import Checkpointer, latest_checkpoint, verify
 from moe_dist.config import to_toml
 from moe_dist.optim import build_optimizer, build_scheduler
@@ -60,8 +60,8 @@ def save_worker(rank, world_size, ep, cfg, batches, run_dir):
     model, optimizer, scheduler = _setup(rank, world_size, ep, cfg)
     for windows in batches[:2]:
         _step(model, optimizer, scheduler, cfg, windows, rank, world_size)
-    Checkpointer(run_dir, cfg.checkpoint, rank, world_size).save(2, model, optimizer, scheduler,
-                                                                  {"step": 2, "tokens": 0, "data": {"epoch": 0, "position": 8}})
+    train_state = {"step": 2, "tokens": 0, "data": {"epoch": 0, "position": 8}}
+    Checkpointer(run_dir, cfg.checkpoint, rank, world_size).save(2, model, optimizer, scheduler, train_state)
     saved = full_parameters(model)
     return saved, _step(model, optimizer, scheduler, cfg, batches[2], rank, world_size)
 
@@ -78,8 +78,7 @@ def load_worker(rank, world_size, ep, cfg, batches, run_dir):
 @pytest.mark.slow
 def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path):
     cfg = small_config(**{"train.steps": "3", "moe.top_k": "2", "moe.aux_free_bias": "true"})
-    batches = global_batches(cfg, 3, 4)[:, 0]  # [steps, 4 * MICRO_BATCH, seq_len + 1], grad_accum = 1
-    batches = batches.unsqueeze(1)
+    batches = global_batches(cfg, 3, 4)  # [steps, grad_accum = 1, 4 * MICRO_BATCH, seq_len + 1]
     (tmp_path / "config.toml").write_text(to_toml(cfg))
     saved, next_loss = run_on_ranks(save_worker, 4, 4, cfg, batches, tmp_path)[0]
     verify(latest_checkpoint(tmp_path / "checkpoints"))
