@@ -21,5 +21,10 @@ train: install
 test: install
 	$(BIN)/python -m pytest -n auto -q $(ARGS)
 
+# Routing, all-to-all dispatch and training-step benchmarks, minutes on a laptop; ARGS=--full for the
+# full sweeps. Markdown tables on stdout, JSON in benchmarks/results/.
+bench: install
+	$(BIN)/python -m benchmarks $(ARGS)
+
 clean:
 	rm -rf runs .pytest_cache

@@ -2,13 +2,16 @@
 
 Rows arrive grouped by expert (`counts[e]` consecutive rows for expert e). Backends:
 - grouped_mm: `torch._grouped_mm`, one kernel for all groups (CUDA sm90+, and CPU fp32/bf16).
+  `grouped_swiglu` fuses the activation into its own backward and, on CPU, runs in chunks of rows.
 - padded: scatter the groups into an [E, max_count, D] buffer and use one `bmm` per projection.
 - loop: one matmul per expert; the reference and a fallback, never chosen by "auto".
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -37,11 +40,19 @@ def _aligned(*tensors: Tensor) -> bool:
     return all(t.shape[-1] * t.element_size() % 16 == 0 for t in tensors)
 
 
-def select_backend(x: Tensor, *weights: Tensor) -> str:
-    """The fastest backend that works for these operands (see benchmarks/RESULTS.md)."""
-    if _aligned(x, *weights) and _grouped_mm_runs(x.device.type, x.dtype):
-        return "grouped_mm"
-    return "padded"
+# On CPU, while no group has more rows than this, the expert GEMMs are bound by reading the weights,
+# not by FLOPs: one padded bmm (one batched BLAS call) beats torch._grouped_mm's call per group in
+# spite of the padding (benchmarks/RESULTS.md). Bigger groups, or skewed ones, pay for the padding.
+CPU_PADDED_MAX_ROWS = 64
+
+
+def select_backend(x: Tensor, *weights: Tensor, counts: Tensor | None = None) -> str:
+    """The fastest backend that works for these operands (see benchmarks/RESULTS.md); never "loop"."""
+    if not (_aligned(x, *weights) and _grouped_mm_runs(x.device.type, x.dtype)):
+        return "padded"
+    if counts is not None and x.device.type == "cpu" and int(counts.max()) <= CPU_PADDED_MAX_ROWS:
+        return "padded"  # reading counts is a host sync, free on CPU only
+    return "grouped_mm"
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -64,6 +75,87 @@ class _GroupedMM(torch.autograd.Function):
         return grad_x, grad_w, None
 
 
+# On CPU the grouped SwiGLU goes through its rows in chunks whose [rows, hidden] intermediates are
+# about this big, so that they stay in cache between the GEMMs and the activation instead of
+# streaming [N, hidden] tensors through memory several times (benchmarks/RESULTS.md).
+CPU_CHUNK_BYTES = 8 * 2**20
+
+
+@dataclass
+class _Chunk:
+    rows: slice  # rows of the grouped input
+    experts: slice  # the experts owning them
+    offsets: Tensor  # int32 [experts]: cumulative row counts within the chunk, as torch._grouped_mm takes
+
+
+def _chunks(counts: Tensor, num_rows: int, chunk_rows: int) -> list[_Chunk]:
+    """Cut the grouped rows into chunks of at most `chunk_rows`; one chunk, without a host sync, if they fit."""
+    if num_rows <= chunk_rows:
+        return [_Chunk(slice(0, num_rows), slice(0, counts.numel()), torch.cumsum(counts, 0).to(torch.int32))]
+    ends = torch.cumsum(counts, 0).tolist()  # host sync: chunks are only cut on CPU
+    chunks = []
+    for start in range(0, num_rows, chunk_rows):
+        stop = min(start + chunk_rows, num_rows)
+        first, last = bisect.bisect_right(ends, start), bisect.bisect_left(ends, stop)  # experts in [start, stop)
+        offsets = [min(end, stop) - start for end in ends[first:last + 1]]
+        chunks.append(_Chunk(slice(start, stop), slice(first, last + 1),
+                             torch.tensor(offsets, dtype=torch.int32, device=counts.device)))
+    return chunks
+
+
+def _chunk_rows(x: Tensor, hidden: int) -> int:
+    if x.device.type != "cpu":
+        return max(x.shape[0], 1)
+    return max(1, CPU_CHUNK_BYTES // (hidden * x.element_size()))
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    """SwiGLU experts through torch._grouped_mm, chunk by chunk; saves x W1 and x W3 only (autograd
+    would also keep silu(x W1) and the product) and recomputes the activation in backward."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, chunks: list[_Chunk]) -> Tensor:
+        outs, hidden = [], []
+        for c in chunks:
+            rows = x[c.rows]
+            h1 = torch._grouped_mm(rows, w1[c.experts], offs=c.offsets)
+            h3 = torch._grouped_mm(rows, w3[c.experts], offs=c.offsets)
+            outs.append(torch._grouped_mm(F.silu(h1).mul_(h3), w2[c.experts], offs=c.offsets))
+            hidden += [h1, h3]
+        ctx.chunks = chunks
+        ctx.save_for_backward(x, w1, w3, w2, *hidden)
+        return outs[0] if len(outs) == 1 else torch.cat(outs)
+
+    @staticmethod
+    def backward(ctx, grad_out: Tensor):
+        x, w1, w3, w2, *hidden = ctx.saved_tensors
+        grad_out = grad_out.contiguous()
+        whole = len(ctx.chunks) == 1
+        grad_x = []
+        grad_w = [None] * 3 if whole else [torch.zeros_like(w) for w in (w1, w3, w2)]
+        for c, h1, h3 in zip(ctx.chunks, hidden[0::2], hidden[1::2]):
+            rows, grad, e, offs = x[c.rows], grad_out[c.rows], c.experts, c.offsets
+            grad_act = torch._grouped_mm(grad, w2[e].transpose(-2, -1), offs=offs)
+            # The activation's derivatives in fp32 for half types, as autograd's own kernels do.
+            h1f, h3f, grad_actf = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (h1, h3, grad_act))
+            gate = torch.sigmoid(h1f)
+            silu = h1f * gate
+            act = (silu * h3f).to(x.dtype)
+            # d silu(h) / dh = gate * (1 + h * (1 - gate))
+            grad_h1 = (1 - gate).mul_(h1f).add_(1).mul_(gate).mul_(h3f).mul_(grad_actf).to(x.dtype)
+            grad_h3 = silu.mul_(grad_actf).to(x.dtype)
+            grad_x.append(torch._grouped_mm(grad_h1, w1[e].transpose(-2, -1), offs=offs).add_(
+                torch._grouped_mm(grad_h3, w3[e].transpose(-2, -1), offs=offs)))
+            parts = (torch._grouped_mm(rows.t(), grad_h1, offs=offs), torch._grouped_mm(rows.t(), grad_h3, offs=offs),
+                     torch._grouped_mm(act.t(), grad, offs=offs))
+            for i, part in enumerate(parts):
+                if whole:
+                    grad_w[i] = part
+                else:
+                    grad_w[i][e] += part
+        return grad_x[0] if whole else torch.cat(grad_x), *grad_w, None
+
+
 class PaddedGroups:
     """Index maps between grouped rows [N, D] and a zero-padded [E, capacity, D] layout."""
 
@@ -78,10 +170,10 @@ class PaddedGroups:
 
     def pad(self, rows: Tensor) -> Tensor:
         padded = rows.new_zeros(self.num_groups * self.capacity, rows.shape[1])
-        return padded.index_copy(0, self.index, rows).view(self.num_groups, self.capacity, -1)
+        return padded.index_copy(0, self.index, rows).view(self.num_groups, self.capacity, rows.shape[1])
 
     def unpad(self, padded: Tensor) -> Tensor:
-        return padded.reshape(self.num_groups * self.capacity, -1).index_select(0, self.index)
+        return padded.reshape(self.num_groups * self.capacity, padded.shape[-1]).index_select(0, self.index)
 
 
 def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
@@ -95,7 +187,7 @@ def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
 def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """`x [N, K]` grouped by `counts [E]`, `w [E, K, M]` -> `[N, M]`: group e times w[e]."""
     if backend == "auto":
-        backend = select_backend(x, w)
+        backend = select_backend(x, w, counts=counts)
     if backend == "grouped_mm":
         return _GroupedMM.apply(x, w, torch.cumsum(counts, 0).to(torch.int32))
     if backend == "padded":
@@ -110,11 +202,13 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> T
 def grouped_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """SwiGLU experts on grouped rows: `(silu(x w1[e]) * (x w3[e])) w2[e]` for each group e."""
     if backend == "auto":
-        backend = select_backend(x, w1, w2)
+        backend = select_backend(x, w1, w2, counts=counts)
     if backend == "padded":  # pad once for all three projections
         groups = PaddedGroups(counts, x.shape[0])
         padded = groups.pad(x)
         hidden = F.silu(torch.bmm(padded, w1)) * torch.bmm(padded, w3)
         return groups.unpad(torch.bmm(hidden, w2))
+    if backend == "grouped_mm":
+        return _GroupedSwiGLU.apply(x, w1, w3, w2, _chunks(counts, x.shape[0], _chunk_rows(x, w1.shape[-1])))
     hidden = F.silu(grouped_mm(x, w1, counts, backend)) * grouped_mm(x, w3, counts, backend)
     return grouped_mm(hidden, w2, counts, backend)

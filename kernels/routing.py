@@ -2,8 +2,9 @@
 
 `plan_routing` sorts the T*k pairs by expert once; `permute` gathers token rows into that order
 and `unpermute` gathers expert outputs back, weighting and summing the k choices per token. Both
-directions are gathers (no scatter-add, no atomics), so forward and backward are deterministic,
-and `unpermute` saves no [T*k, D] intermediate for backward.
+directions are gathers (no scatter-add, no atomics), so forward and backward are deterministic.
+The gather-and-sum steps are one `embedding_bag` each: no [T, k, D] intermediate is written,
+and `unpermute` saves no [T*k, D] tensor for backward beyond its input rows.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 
@@ -30,6 +32,10 @@ class RoutingPlan:
     def token_of_row(self) -> Tensor:
         return self.pair_of_row // self.top_k
 
+    @property
+    def dropped_any(self) -> bool:
+        return self.pair_of_row.shape[0] < self.row_of_pair.numel()
+
 
 def plan_routing(expert_ids: Tensor, num_experts: int, keep: Tensor | None = None) -> RoutingPlan:
     """Stable-sort the pairs of `expert_ids [T, k]` by expert; pairs where `keep` is False are dropped."""
@@ -47,16 +53,17 @@ def plan_routing(expert_ids: Tensor, num_experts: int, keep: Tensor | None = Non
     return RoutingPlan(counts[:num_experts], pair_of_row, row_of_pair.view(num_tokens, top_k))
 
 
-def _gather_pairs(rows: Tensor, plan: RoutingPlan) -> Tensor:
-    """rows [N, D] in sorted order -> [T, k, D] per pair; dropped pairs are zero."""
-    num_tokens, top_k = plan.row_of_pair.shape
+def _sum_pairs(rows: Tensor, plan: RoutingPlan, weights: Tensor | None) -> Tensor:
+    """out[t] = sum_j weights[t, j] * rows[row_of_pair[t, j]] over the kept pairs: one embedding_bag."""
+    num_tokens = plan.row_of_pair.shape[0]
     if rows.shape[0] == 0:
-        return rows.new_zeros(num_tokens, top_k, rows.shape[1])
-    index = plan.row_of_pair.clamp(min=0).reshape(-1)
-    pairs = rows.index_select(0, index).view(num_tokens, top_k, rows.shape[1])
-    if rows.shape[0] < plan.row_of_pair.numel():  # some pairs were dropped
-        pairs = pairs * (plan.row_of_pair >= 0).unsqueeze(-1).to(pairs.dtype)
-    return pairs
+        return rows.new_zeros(num_tokens, rows.shape[1])
+    if plan.dropped_any:  # dropped pairs point at row 0 with weight 0
+        kept = (plan.row_of_pair >= 0).to(rows.dtype)
+        weights = kept if weights is None else weights.to(rows.dtype) * kept
+    elif weights is not None:
+        weights = weights.to(rows.dtype)
+    return F.embedding_bag(plan.row_of_pair.clamp(min=0), rows, mode="sum", per_sample_weights=weights)
 
 
 class _Permute(torch.autograd.Function):
@@ -68,7 +75,7 @@ class _Permute(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_rows: Tensor):
         # Each token's gradient is the sum over its k rows: a gather and a sum, not an index_add.
-        return _gather_pairs(grad_rows.contiguous(), ctx.plan).sum(1), None
+        return _sum_pairs(grad_rows.contiguous(), ctx.plan, None), None
 
 
 class _Unpermute(torch.autograd.Function):
@@ -76,22 +83,24 @@ class _Unpermute(torch.autograd.Function):
     def forward(ctx, rows: Tensor, plan: RoutingPlan, weights: Tensor) -> Tensor:
         ctx.plan = plan
         ctx.save_for_backward(rows, weights)
-        pairs = _gather_pairs(rows, plan)
-        return torch.bmm(weights.to(rows.dtype).unsqueeze(1), pairs).squeeze(1)
+        return _sum_pairs(rows, plan, weights)
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         rows, weights = ctx.saved_tensors
         plan = ctx.plan
-        grad_out = grad_out.contiguous()
-        grad_rows = grad_weights = None
-        if ctx.needs_input_grad[0]:
-            grad_pairs = weights.to(grad_out.dtype).unsqueeze(-1) * grad_out.unsqueeze(1)  # [T, k, D]
-            grad_rows = grad_pairs.view(-1, grad_out.shape[1]).index_select(0, plan.pair_of_row)
+        # Gather the output gradient to row order once; both gradients are read off it there.
+        grad_rows = grad_out.contiguous().index_select(0, plan.token_of_row)  # [N, D]
+        grad_weights = None
         if ctx.needs_input_grad[2]:
-            pairs = _gather_pairs(rows, plan)  # recomputed rather than saved from forward
-            grad_weights = torch.bmm(pairs, grad_out.unsqueeze(-1)).squeeze(-1).to(weights.dtype)
-        return grad_rows, None, grad_weights
+            # Row-wise dot products as a batch of 1 x D x 1 products: no [N, D] temporary.
+            dots = torch.bmm(grad_rows.unsqueeze(1), rows.unsqueeze(2)).view(-1)
+            grad_weights = dots.new_zeros(weights.numel()).index_copy_(0, plan.pair_of_row, dots)
+            grad_weights = grad_weights.view_as(weights).to(weights.dtype)
+        if not ctx.needs_input_grad[0]:
+            return None, None, grad_weights
+        row_weights = weights.reshape(-1).index_select(0, plan.pair_of_row).to(grad_rows.dtype)
+        return grad_rows.mul_(row_weights.unsqueeze(1)), None, grad_weights
 
 
 def permute(x: Tensor, plan: RoutingPlan) -> Tensor:

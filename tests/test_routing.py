@@ -3,7 +3,8 @@
 import pytest
 import torch
 
-from kernels.grouped_mm import BACKENDS, grouped_mm, grouped_swiglu, select_backend
+import kernels.grouped_mm
+from kernels.grouped_mm import BACKENDS, CPU_PADDED_MAX_ROWS, grouped_mm, grouped_swiglu, select_backend
 from kernels.reference import moe_loop
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.model.router import capacity_keep
@@ -132,3 +133,54 @@ def test_auto_backend_never_loops():
     assert select_backend(x, w) in ("grouped_mm", "padded")
     assert select_backend(x.double(), w.double()) == "padded"
     assert select_backend(torch.randn(4, 3), torch.randn(2, 3, 3)) == "padded"  # misaligned rows
+    for rows in (1, CPU_PADDED_MAX_ROWS, CPU_PADDED_MAX_ROWS + 1, 10_000):
+        assert select_backend(x, w, counts=torch.tensor([rows, 0])) in ("grouped_mm", "padded")
+
+
+def test_auto_backend_pads_small_groups_on_cpu():
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 8)
+    if select_backend(x, w) != "grouped_mm":
+        pytest.skip("torch._grouped_mm does not run here")
+    assert select_backend(x, w, counts=torch.tensor([CPU_PADDED_MAX_ROWS, 3])) == "padded"
+    assert select_backend(x, w, counts=torch.tensor([CPU_PADDED_MAX_ROWS + 1, 3])) == "grouped_mm"
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 5, 16, 1000])
+def test_grouped_swiglu_in_chunks_matches_loop(monkeypatch, chunk_rows):
+    if select_backend(torch.randn(4, 8), torch.randn(2, 8, 8)) != "grouped_mm":
+        pytest.skip("torch._grouped_mm does not run here")
+    # fp32 hidden rows of 24: chunk boundaries fall inside groups, groups span chunks, some are empty.
+    monkeypatch.setattr(kernels.grouped_mm, "CPU_CHUNK_BYTES", chunk_rows * 24 * 4)
+    for skew in (False, True):
+        check_against_loop(37, 8, 2, torch.float32, "grouped_mm", skew=skew)
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_every_pair_dropped(backend):
+    (x, weights, w1, w3, w2), expert_ids = make_inputs(6, 4, 2, 16, 24, torch.float32)
+    keep = torch.zeros_like(expert_ids, dtype=torch.bool)
+    out = batched_moe(x, expert_ids, weights, w1, w3, w2, keep, backend)
+    assert out.shape == x.shape and not out.any()
+    grads = torch.autograd.grad(out.sum(), (x, weights))
+    assert not any(g.any() for g in grads)
+
+
+@pytest.mark.parametrize("dropped", [False, True])
+def test_unpermute_gradients_one_at_a_time(dropped):
+    # Backward reads both gradients off one gather; each must also be right when it is the only one asked for.
+    expert_ids = torch.randint(0, 4, (9, 2))
+    keep = torch.rand(9, 2) > 0.3 if dropped else None
+    plan = plan_routing(expert_ids, 4, keep)
+    rows = torch.randn(plan.pair_of_row.numel(), 5, dtype=torch.float64, requires_grad=True)
+    weights = torch.rand(9, 2, dtype=torch.float64, requires_grad=True)
+    torch.autograd.gradcheck(lambda r, w: unpermute(r, plan, w), (rows, weights))
+    torch.autograd.gradcheck(lambda r: unpermute(r, plan, weights.detach()), (rows,))
+    torch.autograd.gradcheck(lambda w: unpermute(rows.detach(), plan, w), (weights,))
+
+
+def test_permute_gradient_with_dropped_pairs():
+    x = torch.randn(7, 3, dtype=torch.float64, requires_grad=True)
+    expert_ids = torch.randint(0, 3, (7, 2))
+    keep = torch.rand(7, 2) > 0.4
+    plan = plan_routing(expert_ids, 3, keep)
+    torch.autograd.gradcheck(lambda t: permute(t, plan), (x,))

@@ -1,0 +1,21 @@
+"""python -m benchmarks [--full] [--threads N] [--device D]: the three benchmarks in turn, as `make bench`."""
+
+from __future__ import annotations
+
+import sys
+import time
+
+from benchmarks import all_to_all, routing, train_step
+
+
+def main(argv: list[str] | None = None) -> int:
+    start = time.perf_counter()
+    for bench in (routing, all_to_all, train_step):
+        bench.main(argv)
+        print(flush=True)
+    print(f"bench: {time.perf_counter() - start:.0f} s for all three")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

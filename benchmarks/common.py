@@ -1,0 +1,151 @@
+"""What the benchmarks share: device and environment, timing, hardware limits, tables, JSON results."""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent / "results"
+
+# Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity), TFLOP/s; matched on the device name.
+DATASHEET_BF16_TFLOPS = {
+    "H100 80GB HBM3": 989.4,  # the SXM part
+    "H100 PCIe": 756.0,
+    "H100 NVL": 835.0,
+    "H200": 989.4,
+    "A100": 312.0,
+}
+
+
+def parser(description: str) -> argparse.ArgumentParser:
+    """The options every benchmark takes."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--full", action="store_true", help="the full sweep instead of the quick default subset")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0 = all cores)")
+    p.add_argument("--repeats", type=int, default=7, help="timed repeats per measurement; the median is reported")
+    return p
+
+
+def setup(args: argparse.Namespace) -> torch.device:
+    """Pick the device and fix the CPU thread count for every implementation alike."""
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda but no CUDA device is available")
+    use_cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    torch.set_num_threads(args.threads or os.cpu_count() or 1)
+    return torch.device("cuda") if use_cuda else torch.device("cpu")
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"{cpu_name()} ({os.cpu_count()} cores)"
+
+
+def environment(device: torch.device) -> dict:
+    """What every result carries: device, torch version, date, threads."""
+    return {"device": device_name(device), "device_type": device.type, "torch": torch.__version__,
+            "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+            "threads": torch.get_num_threads(), "python": platform.python_version(),
+            "thp_mem_alloc": os.environ.get("THP_MEM_ALLOC_ENABLE", "0")}
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def median_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                 warmup: int = 1, budget_s: float | None = None) -> dict[str, float]:
+    """Median seconds per call of each function, timed round-robin (each round starting one further
+    along) so that noise from other work on a shared machine, and the allocator state a function
+    leaves behind, fall on every implementation alike. With `budget_s`, slow functions get fewer
+    repeats (at least 3), estimated from the warmup round."""
+    start = time.perf_counter()
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    sync(device)
+    if budget_s is not None and warmup:
+        per_round = (time.perf_counter() - start) / warmup
+        repeats = max(3, min(repeats, int(budget_s / max(per_round, 1e-9))))
+    samples: dict[str, list[float]] = {name: [] for name in fns}
+    names = list(fns)
+    for r in range(repeats):
+        for name in names[r % len(names):] + names[: r % len(names)]:
+            fn = fns[name]
+            sync(device)
+            start = time.perf_counter()
+            fn()
+            sync(device)
+            samples[name].append(time.perf_counter() - start)
+    return {name: statistics.median(s) for name, s in samples.items()}
+
+
+def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
+    """Bytes/s read + written by `dst.copy_(src)` of a large buffer: the device's copy limit."""
+    src = torch.ones(megabytes * 2**20 // 4, device=device)
+    dst = torch.empty_like(src)  # touched by the warmup copy, so no page faults are timed
+    seconds = median_times({"copy": lambda: dst.copy_(src)}, device, repeats)["copy"]
+    return 2 * src.numel() * src.element_size() / seconds
+
+
+def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeats: int = 5) -> float:
+    """FLOP/s of one n x n x n matmul: the measured compute peak."""
+    a, b = (torch.randn(n, n, device=device, dtype=dtype) for _ in range(2))
+    seconds = median_times({"mm": lambda: a @ b}, device, repeats)["mm"]
+    return 2 * n**3 / seconds
+
+
+def datasheet_peak(device: torch.device) -> float | None:
+    """Dense bf16 FLOP/s from the datasheet for a known GPU, else None."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, tflops in DATASHEET_BF16_TFLOPS.items():
+        if key in name:
+            return tflops * 1e12
+    return None
+
+
+def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def human(n: float) -> str:
+    for unit, scale in (("T", 1e12), ("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.3g}{unit}"
+    return f"{n:.3g}"
+
+
+def write_results(name: str, payload: dict) -> Path:
+    """benchmarks/results/<name>-<date>.json, and <name>-latest.json beside it."""
+    RESULTS_DIR.mkdir(parents=True, exist_ok=True)
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = RESULTS_DIR / f"{name}-{stamp}.json"
+    text = json.dumps(payload, indent=1)
+    path.write_text(text)
+    (RESULTS_DIR / f"{name}-latest.json").write_text(text)
+    return path
