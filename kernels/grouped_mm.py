@@ -26,10 +26,12 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
-        offsets = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
-        _GroupedMM.apply(x, w, offsets).float().square().sum().backward()
+        # The answer is cached for the process: probe with autograd on even if the first caller has it off.
+        with torch.inference_mode(False), torch.enable_grad():
+            x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            offsets = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
+            _GroupedMM.apply(x, w, offsets).float().square().sum().backward()
         return True
     except (RuntimeError, NotImplementedError):
         return False
@@ -115,23 +117,28 @@ class _GroupedSwiGLU(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, chunks: list[_Chunk]) -> Tensor:
-        outs, hidden = [], []
+        out = None if len(chunks) == 1 else x.new_empty(x.shape[0], w2.shape[-1])
+        hidden = []
         for c in chunks:
             rows = x[c.rows]
             h1 = torch._grouped_mm(rows, w1[c.experts], offs=c.offsets)
             h3 = torch._grouped_mm(rows, w3[c.experts], offs=c.offsets)
-            outs.append(torch._grouped_mm(F.silu(h1).mul_(h3), w2[c.experts], offs=c.offsets))
+            chunk_out = torch._grouped_mm(F.silu(h1).mul_(h3), w2[c.experts], offs=c.offsets)
+            if out is None:
+                out = chunk_out
+            else:
+                out[c.rows] = chunk_out  # while it is still in cache
             hidden += [h1, h3]
         ctx.chunks = chunks
         ctx.save_for_backward(x, w1, w3, w2, *hidden)
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+        return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
         x, w1, w3, w2, *hidden = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         whole = len(ctx.chunks) == 1
-        grad_x = []
+        grad_x = None if whole else torch.empty_like(x)
         grad_w = [None] * 3 if whole else [torch.zeros_like(w) for w in (w1, w3, w2)]
         for c, h1, h3 in zip(ctx.chunks, hidden[0::2], hidden[1::2]):
             rows, grad, e, offs = x[c.rows], grad_out[c.rows], c.experts, c.offsets
@@ -144,8 +151,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
             # d silu(h) / dh = gate * (1 + h * (1 - gate))
             grad_h1 = (1 - gate).mul_(h1f).add_(1).mul_(gate).mul_(h3f).mul_(grad_actf).to(x.dtype)
             grad_h3 = silu.mul_(grad_actf).to(x.dtype)
-            grad_x.append(torch._grouped_mm(grad_h1, w1[e].transpose(-2, -1), offs=offs).add_(
-                torch._grouped_mm(grad_h3, w3[e].transpose(-2, -1), offs=offs)))
+            grad_rows = torch._grouped_mm(grad_h1, w1[e].transpose(-2, -1), offs=offs).add_(
+                torch._grouped_mm(grad_h3, w3[e].transpose(-2, -1), offs=offs))
+            if whole:
+                grad_x = grad_rows
+            else:
+                grad_x[c.rows] = grad_rows
             parts = (torch._grouped_mm(rows.t(), grad_h1, offs=offs), torch._grouped_mm(rows.t(), grad_h3, offs=offs),
                      torch._grouped_mm(act.t(), grad, offs=offs))
             for i, part in enumerate(parts):
@@ -153,7 +164,7 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     grad_w[i] = part
                 else:
                     grad_w[i][e] += part
-        return grad_x[0] if whole else torch.cat(grad_x), *grad_w, None
+        return grad_x, *grad_w, None
 
 
 class PaddedGroups:

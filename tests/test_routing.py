@@ -137,6 +137,18 @@ def test_auto_backend_never_loops():
         assert select_backend(x, w, counts=torch.tensor([rows, 0])) in ("grouped_mm", "padded")
 
 
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_backend_probe_is_independent_of_grad_mode(mode):
+    x, w = torch.randn(4, 8), torch.randn(2, 8, 8)
+    expected = select_backend(x, w)
+    kernels.grouped_mm._grouped_mm_runs.cache_clear()
+    try:
+        with mode():  # the first query of the process may come from evaluation or generation
+            assert select_backend(x, w) == expected
+    finally:
+        kernels.grouped_mm._grouped_mm_runs.cache_clear()
+
+
 def test_auto_backend_pads_small_groups_on_cpu():
     x, w = torch.randn(4, 8), torch.randn(2, 8, 8)
     if select_backend(x, w) != "grouped_mm":
