@@ -210,19 +210,27 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, object] | 
     return cfg
 
 
-def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
-    """Split argv into (--config value, {section.field: value}, remaining flags)."""
-    config_name, overrides, rest = None, {}, []
+def parse_args(argv: list[str], program: str, options: dict[str, bool] | None = None
+               ) -> tuple[str | None, dict[str, str], dict[str, str | bool]]:
+    """Split argv into (--config value, {section.field: value}, {option: value, or True for a flag}).
+
+    `options` names the program's own options, each mapped to whether it takes a value.
+    """
+    options = options or {}
+    config_name, overrides, given = None, {}, {}
     i = 0
     while i < len(argv):
         arg = argv[i]
         if not arg.startswith("--"):
-            raise ConfigError(f"config: unexpected argument {arg!r} (expected --section.field value)")
+            raise ConfigError(f"{program}: unexpected argument {arg!r} (expected --section.field value)")
         key, eq, value = arg[2:].partition("=")
-        takes_value = key == "config" or "." in key
+        if key != "config" and "." not in key and key not in options:
+            known = ", ".join(f"--{name}" for name in ["config", *options, "section.field"])
+            raise ConfigError(f"{program}: unknown option {arg!r} (options: {known})")
+        takes_value = key == "config" or "." in key or options.get(key, False)
         if takes_value and not eq:
             if i + 1 >= len(argv):
-                raise ConfigError(f"config: {arg} needs a value")
+                raise ConfigError(f"{program}: {arg} needs a value")
             value = argv[i + 1]
             i += 1
         if key == "config":
@@ -230,9 +238,9 @@ def parse_args(argv: list[str]) -> tuple[str | None, dict[str, str], list[str]]:
         elif "." in key:
             overrides[key] = value
         else:
-            rest.append(arg)
+            given[key] = value if takes_value else True
         i += 1
-    return config_name, overrides, rest
+    return config_name, overrides, given
 
 
 def _check(ok: bool, message: str) -> None:

@@ -1,13 +1,12 @@
-"""python -m moe_dist.params --config 3b: total and active parameters, training FLOPs per token."""
+"""python -m moe_dist.params --config 3b [--world 8 --ep 8 --device-memory 80GiB]: parameters, FLOPs, memory."""
 
 from __future__ import annotations
 
 import sys
 
-import torch
-
 from moe_dist.config import Config, ConfigError, load_config, parse_args
-from moe_dist.model.transformer import Transformer, is_moe_layer
+from moe_dist.memory import HEADROOM, MemoryPlan, activation_dtype_bytes, gib, meta_model, parse_bytes, plan_memory
+from moe_dist.model.transformer import is_moe_layer
 
 
 def count_params(cfg: Config) -> dict[str, tuple[int, int]]:
@@ -42,9 +41,7 @@ def training_flops_per_token(cfg: Config) -> int:
 
 def meta_model_numel(cfg: Config) -> int:
     """sum(p.numel()) of the real model, built on the meta device (no memory)."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
-    return sum(p.numel() for p in model.parameters())
+    return sum(p.numel() for p in meta_model(cfg).parameters())
 
 
 def _human(n: float) -> str:
@@ -54,12 +51,47 @@ def _human(n: float) -> str:
     return str(int(n))
 
 
+def print_memory_plan(cfg: Config, plan: MemoryPlan, device_memory: int | None) -> None:
+    d = cfg.data
+    checkpointed = cfg.parallel.activation_checkpoint
+    print(f"\nmemory per device: {plan.world} ranks = dp_shard {plan.dp_shard} x ep {plan.ep}, "
+          f"micro_batch {d.micro_batch} x seq_len {d.seq_len}, activations in "
+          f"{'bf16' if activation_dtype_bytes(cfg, 'cuda') == 2 else 'fp32'}")
+    rows = [("parameters (fp32 shards)", plan.params), ("gradients (fp32 shards)", plan.grads),
+            ("AdamW states (fp32 shards)", plan.optimizer), ("FSDP2 gather/reduce buffers", plan.buffers),
+            ("activations", plan.activations),
+            ("activations, checkpointed", plan.activations_checkpointed)]
+    for label, n in rows:
+        print(f"  {label:<40} {gib(n):>11}")
+    for with_ac in (False, True):
+        configured = " (configured)" if with_ac == checkpointed else ""
+        label = f"total, {'with' if with_ac else 'no'} activation checkpointing"
+        line = f"  {label:<40} {gib(plan.total(with_ac)):>11}{configured}"
+        if device_memory is not None:
+            budget = device_memory * (1 - HEADROOM)
+            line += f" | {'fits' if plan.total(with_ac) <= budget else 'does NOT fit'} in {gib(device_memory)}"
+        print(line)
+    if device_memory is not None:
+        print(f"  (fits = at most {1 - HEADROOM:.0%} of the device: the rest is left for the CUDA context, "
+              f"NCCL and fragmentation)")
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
-        name, overrides, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        if rest:
-            raise ConfigError(f"params: unknown option {rest[0]!r} (expected --config NAME and --section.field value)")
+        name, overrides, options = parse_args(sys.argv[1:] if argv is None else argv, "params",
+                                              {"world": True, "ep": True, "device-memory": True})
+        if "ep" in options:
+            overrides["parallel.ep"] = options["ep"]
         cfg = load_config(name or "tiny", overrides)
+        world = _positive_int("--world", options.get("world", "1"))
+        device_memory = None
+        if "device-memory" in options:
+            try:
+                device_memory = parse_bytes(options["device-memory"])
+            except ValueError:
+                raise ConfigError(f"params: --device-memory {options['device-memory']!r} is not a size "
+                                  f"(e.g. 80GiB, 40GB)") from None
+        plan = plan_memory(cfg, world)
     except ConfigError as e:
         print(e, file=sys.stderr)
         return 2
@@ -75,7 +107,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"params: meta-device model has {numel:,} parameters, counter says {total:,}", file=sys.stderr)
         return 1
     print(f"meta-device model: sum(p.numel()) = {numel:,} (matches)")
+    print_memory_plan(cfg, plan, device_memory)
     return 0
+
+
+def _positive_int(option: str, text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise ConfigError(f"params: {option} {text!r} must be a positive integer")
+    return value
 
 
 if __name__ == "__main__":

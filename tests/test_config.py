@@ -14,8 +14,12 @@ def test_overrides_land_in_the_right_field():
 
 
 def test_parse_args():
-    name, overrides, rest = parse_args(["--config", "small", "--model.dim", "64", "--train.steps=5", "--resume"])
-    assert name == "small" and overrides == {"model.dim": "64", "train.steps": "5"} and rest == ["--resume"]
+    name, overrides, options = parse_args(["--config", "small", "--model.dim", "64", "--train.steps=5", "--resume",
+                                           "--world", "8"], "train", {"resume": False, "world": True})
+    assert name == "small" and overrides == {"model.dim": "64", "train.steps": "5"}
+    assert options == {"resume": True, "world": "8"}
+    with pytest.raises(ConfigError, match=r"^train: unknown option '--bogus' \(options: --config, --resume"):
+        parse_args(["--bogus"], "train", {"resume": False})
 
 
 def test_toml_round_trip(tmp_path):

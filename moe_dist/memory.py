@@ -1,0 +1,149 @@
+"""Per-device memory under FSDP2 + expert parallelism: parameters, gradients, AdamW, buffers, activations.
+
+Shard sizes follow `moe_dist.parallel` exactly: dense tensors are split on dim 0 over all ranks;
+under EP each rank holds E / ep experts, split on dim 0 over the dp_shard ranks that hold the same
+ones; FSDP2 cuts dim 0 like `torch.chunk`, so rank 0 has the largest shard of every tensor.
+Activations are estimated from what autograd saves in this model's forward (see `activation_bytes`).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+
+from moe_dist.config import Config
+from moe_dist.model import Transformer
+from moe_dist.model.moe import GroupedExperts
+from moe_dist.model.transformer import is_moe_layer
+from moe_dist.parallel.mesh import mesh_shape, resolve_ep
+
+FP32 = 4
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
+HEADROOM = 0.10  # of device memory, kept free for the CUDA context, NCCL buffers and fragmentation
+
+
+def _chunk_rows(rows: int, parts: int, index: int) -> int:
+    """Rows of part `index` when `rows` are cut like torch.chunk(rows, parts)."""
+    size = math.ceil(rows / parts)
+    return max(0, min(size, rows - index * size))
+
+
+def meta_model(cfg: Config) -> Transformer:
+    with torch.device("meta"):
+        return Transformer(cfg.model, cfg.moe)
+
+
+def local_shard_numels(cfg: Config, world: int, rank: int) -> dict[str, int]:
+    """{parameter name: elements of its local shard on `rank`} for a run of `world` ranks."""
+    ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
+    model = meta_model(cfg)
+    expert_params = {f"{module_name}.{name}" for module_name, module in model.named_modules()
+                     if isinstance(module, GroupedExperts) for name, _ in module.named_parameters()}
+    numels = {}
+    for name, param in model.named_parameters():
+        per_row = param[0].numel()
+        if name in expert_params and ep > 1:
+            rows = _chunk_rows(param.shape[0] // ep, world // ep, rank // ep)
+        else:
+            rows = _chunk_rows(param.shape[0], world, rank)
+        numels[name] = rows * per_row
+    return numels
+
+
+def activation_dtype_bytes(cfg: Config, device_type: str) -> int:
+    dtype = cfg.parallel.param_dtype
+    if dtype == "auto":
+        dtype = "bfloat16" if device_type == "cuda" else "float32"
+    return DTYPE_BYTES[dtype]
+
+
+def activation_bytes(cfg: Config, act: int) -> tuple[int, int, int]:
+    """(blocks without checkpointing, blocks with it, output head) for one micro-batch; act = bytes per element.
+
+    Per block, what autograd keeps: both norms' inputs and outputs; q, k, v, the attention output
+    and its copy into `wo`; then either the dense SwiGLU's four [T, hidden] tensors, or the router's
+    fp32 [T, E] scores and the routed rows (permuted input, x W1, x W3, expert output: top_k rows
+    per token). With checkpointing a block keeps only its input, and one block at a time is
+    recomputed in backward. The head keeps the logits, their fp32 log-softmax and gradient.
+    """
+    m, moe = cfg.model, cfg.moe
+    tokens = cfg.data.micro_batch * cfg.data.seq_len
+    head_dim = m.dim // m.n_heads
+    kv_dim = m.n_kv_heads * head_dim
+    attention = tokens * (act * (5 * m.dim + 2 * kv_dim) + FP32 * m.n_heads)
+    norms = tokens * act * 2 * m.dim
+    blocks = []
+    for layer in range(m.n_layers):
+        if is_moe_layer(layer, moe):
+            routed = tokens * moe.top_k * act * (2 * m.dim + 2 * moe.expert_hidden)
+            ffn = routed + tokens * FP32 * 4 * moe.num_experts + tokens * act * 4 * moe.shared_expert_hidden
+        else:
+            ffn = tokens * act * 4 * m.ffn_hidden
+        blocks.append(attention + norms + ffn)
+    head = tokens * (act * 2 * m.dim + (act + 2 * FP32) * m.vocab_size)
+    checkpointed = m.n_layers * tokens * act * m.dim + max(blocks)
+    return sum(blocks), checkpointed, head
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes on the most loaded device (rank 0)."""
+
+    world: int
+    dp_shard: int
+    ep: int
+    params: int  # fp32 shards (FSDP2 keeps the sharded parameters in their original dtype)
+    grads: int  # fp32 shards
+    optimizer: int  # AdamW exp_avg and exp_avg_sq, plus a step scalar per tensor
+    buffers: int  # transient: unsharded root, two blocks all-gathered, one block's unsharded gradients
+    activations: int  # one micro-batch, no activation checkpointing
+    activations_checkpointed: int  # one micro-batch, with activation checkpointing
+
+    def total(self, checkpointed: bool) -> int:
+        acts = self.activations_checkpointed if checkpointed else self.activations
+        return self.params + self.grads + self.optimizer + self.buffers + acts
+
+
+def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPlan:
+    """Per-device memory of a training run of `cfg` on `world` ranks (ConfigError for an impossible mesh)."""
+    parallel = type(cfg.parallel)(**{**vars(cfg.parallel), "ep": resolve_ep(cfg.parallel, cfg.moe.num_experts,
+                                                                              world)})
+    dp_shard, ep = mesh_shape(parallel, world)
+    shards = local_shard_numels(cfg, world, rank=0)
+    shard_bytes = FP32 * sum(shards.values())
+
+    act = activation_dtype_bytes(cfg, device_type)
+    model = meta_model(cfg)
+    root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers."))
+    block_numels = []
+    for block in model.layers:
+        numel = 0
+        for module in block.modules():
+            share = ep if isinstance(module, GroupedExperts) else 1
+            numel += sum(p.numel() for p in module.parameters(recurse=False)) // share
+        block_numels.append(numel)
+    reduce = DTYPE_BYTES[cfg.parallel.reduce_dtype]
+    buffers = (root + 2 * max(block_numels)) * act + max(block_numels) * reduce
+
+    blocks, checkpointed, head = activation_bytes(cfg, act)
+    return MemoryPlan(world, dp_shard, ep, params=shard_bytes, grads=shard_bytes,
+                      optimizer=2 * shard_bytes + FP32 * len(shards), buffers=buffers,
+                      activations=blocks + head, activations_checkpointed=checkpointed + head)
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB' (10^9), '80G' (GiB, as schedulers and nvidia-smi mean it) or a plain number of bytes."""
+    match = re.fullmatch(r"\s*([0-9.]+)\s*([KMGT]?)(I?B?)\s*", text.upper())
+    if match is None:
+        raise ValueError(f"not a size: {text!r}")
+    number, prefix, suffix = match.groups()
+    power = "KMGT".index(prefix) + 1 if prefix else 0
+    scale = 1000 ** power if suffix == "B" and prefix else 1024 ** power
+    return int(float(number) * scale)
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.2f} GiB"

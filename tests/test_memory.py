@@ -1,0 +1,115 @@
+"""The memory planner against what real runs allocate, and its command line."""
+
+import pytest
+import torch
+from torch.distributed.tensor import DTensor
+
+from distributed import run_on_ranks
+from equivalence import MICRO_BATCH, global_batches, small_config, split
+from moe_dist.memory import FP32, activation_bytes, local_shard_numels, parse_bytes, plan_memory
+from moe_dist.model import Transformer
+from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.params import main
+from moe_dist.train import build_model, loss_fn, train_step
+
+
+def _local_bytes(tensor: torch.Tensor) -> int:
+    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    return local.numel() * local.element_size()
+
+
+def allocated_worker(rank, world_size, cfg, batches):
+    """What this rank really holds after a step: bytes of each parameter shard, of the gradients, of AdamW."""
+    model = build_model(cfg, build_mesh(cfg.parallel, world_size, "cpu"),
+                        Runtime(rank, world_size, rank, torch.device("cpu")))
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    inputs, targets = split(batches[0, 0, rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH])
+    train_step(model, optimizer, scheduler, [(inputs, targets)], cfg.optim.grad_clip)  # creates the AdamW states
+    logits, aux_loss = model(inputs)
+    (loss_fn(logits, targets) + aux_loss).backward()  # the gradients, which train_step frees after its update
+    params = {name: _local_bytes(p) for name, p in model.named_parameters()}
+    grads = sum(_local_bytes(p.grad) for p in model.parameters())
+    states = sum(_local_bytes(t) for state in optimizer.state.values() for t in state.values())
+    return params, grads, states
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size,ep", [(2, 1), (4, 2)])
+def test_planner_matches_allocated_shards(world_size, ep):
+    # Sizes that torch.chunk cuts unevenly: vocab 251, 3 local experts over 2 dp_shard ranks.
+    cfg = small_config(**{"model.vocab_size": "251", "moe.num_experts": "6", "parallel.ep": str(ep)})
+    results = run_on_ranks(allocated_worker, world_size, cfg, global_batches(cfg, 1, world_size))
+    for rank, (params, grads, states) in enumerate(results):
+        expected = {name: FP32 * n for name, n in local_shard_numels(cfg, world_size, rank).items()}
+        assert params == expected, rank
+        assert grads == sum(expected.values())
+        assert states == 2 * sum(expected.values()) + FP32 * len(expected)  # exp_avg, exp_avg_sq, step
+    assert len({sum(p.values()) for p, _, _ in results}) > 1  # the uneven cut is exercised
+    plan = plan_memory(cfg, world_size, "cpu")
+    params, grads, states = results[0]  # rank 0 holds the largest shards
+    assert (plan.params, plan.grads, plan.optimizer) == (sum(params.values()), grads, states)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"moe.shared_expert_hidden": "64", "moe.top_k": "1"},
+                                       {"moe.num_experts": "0"}])
+def test_activation_estimate_matches_saved_tensors(overrides):
+    """Within 10% of the bytes autograd saves in a real forward (plus the logits and their gradient).
+
+    On the grouped_mm backend, as on GPUs: the CPU's padded one for small groups keeps padded copies.
+    """
+    cfg = small_config(**{"data.micro_batch": "4", "model.vocab_size": "1024", "moe.grouped_mm_backend": "grouped_mm",
+                          **overrides})
+    model = Transformer(cfg.model, cfg.moe)
+    weights = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
+    saved = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in weights:
+            saved[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    tokens = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1))
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        logits, aux_loss = model(tokens[:, :-1])
+        loss_fn(logits, tokens[:, 1:]) + aux_loss
+    measured = sum(saved.values()) + 2 * logits.numel() * logits.element_size()
+    blocks, _, head = activation_bytes(cfg, FP32)
+    assert abs(blocks + head - measured) <= 0.10 * measured, (blocks + head, measured)
+
+
+def test_checkpointing_keeps_block_inputs_and_one_block():
+    cfg = small_config()
+    blocks, checkpointed, _ = activation_bytes(cfg, 2)
+    block_input = cfg.data.micro_batch * cfg.data.seq_len * cfg.model.dim * 2
+    assert blocks / cfg.model.n_layers < checkpointed - cfg.model.n_layers * block_input <= blocks
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == parse_bytes("80G") == 80 * 2**30
+    assert parse_bytes("80GB") == 80 * 10**9 and parse_bytes("512 MiB") == 2**29 and parse_bytes("1000") == 1000
+    with pytest.raises(ValueError, match="not a size: 'lots'"):
+        parse_bytes("lots")
+
+
+def test_3b_recipe_fits_eight_80gb_gpus(capsys):
+    assert main(["--config", "3b", "--world", "8", "--ep", "8", "--device-memory", "80GiB"]) == 0
+    out = capsys.readouterr().out
+    assert "8 ranks = dp_shard 1 x ep 8" in out and "does NOT fit" not in out
+    assert out.count("| fits in 80.00 GiB") == 2
+    assert main(["--config", "3b", "--world", "8", "--device-memory", "8GiB"]) == 0
+    assert capsys.readouterr().out.count("does NOT fit in 8.00 GiB") == 2
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--world", "8", "--ep", "3"], "config: parallel.ep = 3 must divide moe.num_experts = 16"),
+    (["--world", "6", "--ep", "4"], "config: parallel.ep = 4 must divide the world size 6"),
+    (["--world", "zero"], "params: --world 'zero' must be a positive integer"),
+    (["--device-memory", "lots"], "params: --device-memory 'lots' is not a size"),
+])
+def test_planner_bad_input_is_one_line(capsys, args, message):
+    assert main(["--config", "3b", *args]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1, err
