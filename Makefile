@@ -15,8 +15,9 @@ install:
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
+# The demo job starts runs/tiny over each time (--overwrite); with ARGS you choose, e.g. ARGS=--resume.
 train: install
-	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m moe_dist.train $(ARGS)
+	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m moe_dist.train $(or $(ARGS),--overwrite)
 
 test: install
 	$(BIN)/python -m pytest -n auto -q $(ARGS)

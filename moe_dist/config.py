@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -94,6 +95,7 @@ class TrainConfig:
     eval_interval: int = 50  # 0 = only at the end
     eval_steps: int = 4
     device: str = "auto"  # auto | cpu | cuda
+    max_nonfinite_steps: int = 5  # a non-finite loss or gradient skips the step; this many in a row stop the run
 
 
 @dataclass
@@ -108,6 +110,7 @@ class CheckpointConfig:
 class MetricsConfig:
     log_interval: int = 10
     runs_dir: str = "runs"
+    tensorboard: bool = False  # also write runs/<name>/tensorboard (needs the tensorboard package)
 
 
 @dataclass
@@ -257,7 +260,7 @@ def validate(cfg: Config) -> None:
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
     for key in ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
                 "model.ffn_hidden", "model.max_seq_len", "data.seq_len", "data.micro_batch",
-                "train.steps", "train.grad_accum", "metrics.log_interval"):
+                "train.steps", "train.grad_accum", "train.max_nonfinite_steps", "metrics.log_interval"):
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value >= 1, f"{key} = {value} must be >= 1")
@@ -286,6 +289,8 @@ def validate(cfg: Config) -> None:
     _check(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
     _check(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr} must be > 0")
     _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
+    _check(not cfg.metrics.tensorboard or importlib.util.find_spec("tensorboard") is not None,
+           "metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)")
 
 
 def to_toml(cfg: Config) -> str:

@@ -1,4 +1,4 @@
-"""Console progress on rank 0 and runs/<name>/metrics.jsonl: loss, lr, tokens/s, MFU, expert load."""
+"""Console progress on rank 0, runs/<name>/metrics.jsonl and TensorBoard: loss, lr, tokens/s, expert load."""
 
 from __future__ import annotations
 
@@ -10,10 +10,22 @@ from pathlib import Path
 import torch
 
 
-def expert_load_imbalance(load: torch.Tensor) -> float:
-    """max / mean tokens per expert, worst layer first: 1.0 is perfectly balanced. load [layers, experts]."""
-    mean = load.float().mean(-1).clamp(min=1e-9)
-    return (load.float().amax(-1) / mean).max().item()
+def expert_load_metrics(load: torch.Tensor, dropped: torch.Tensor, layer_ids: list[int]) -> dict:
+    """Per MoE layer (keyed by its block index): tokens per expert, max / mean (1.0 = balanced), dropped pairs.
+
+    load [layers, experts], dropped [layers], both summed over the step's micro-batches and all ranks.
+    """
+    load = load.float()
+    max_mean = load.amax(-1) / load.mean(-1).clamp(min=1e-9)
+    keys = [str(i) for i in layer_ids]
+    return {"expert_load": dict(zip(keys, load.long().tolist())),
+            "expert_load_max_mean": dict(zip(keys, max_mean.tolist())),
+            "dropped": dict(zip(keys, dropped.tolist()))}
+
+
+def _finite_or_none(value: object) -> object:
+    """JSON has no NaN or infinity: a skipped step's loss is written as null."""
+    return None if isinstance(value, float) and not math.isfinite(value) else value
 
 
 def _clock(seconds: float) -> str:
@@ -22,10 +34,10 @@ def _clock(seconds: float) -> str:
 
 
 class MetricsLogger:
-    """Rank 0 prints one line per log interval and appends every record to metrics.jsonl; other ranks do nothing."""
+    """Rank 0 prints a line per log interval and writes every record to metrics.jsonl (and TensorBoard)."""
 
     def __init__(self, run_dir: Path, rank: int, total_steps: int, start_step: int, tokens_per_step: int,
-                 flops_per_token: int):
+                 flops_per_token: int, tensorboard: bool = False):
         self.enabled = rank == 0
         self.total_steps = total_steps
         self.start_step = start_step
@@ -34,14 +46,28 @@ class MetricsLogger:
         self.start = time.perf_counter()
         self.last_time, self.last_step = 0.0, start_step  # throughput is measured between log lines
         self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.tensorboard = None
+        if self.enabled and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter  # optional: config validation checked it is there
+
+            self.tensorboard = SummaryWriter(str(run_dir / "tensorboard"))
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
     def write(self, record: dict) -> None:
-        if self.enabled:
-            self.file.write(json.dumps(record) + "\n")
-            self.file.flush()
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+        self.file.flush()
+        if self.tensorboard is not None:
+            for name, value in record.items():
+                if isinstance(value, dict):  # per MoE layer
+                    for layer, v in value.items():
+                        if not isinstance(v, list):
+                            self.tensorboard.add_scalar(f"moe/{name}/layer{layer}", v, record["step"])
+                elif isinstance(value, (int, float)) and name != "step":
+                    self.tensorboard.add_scalar(f"{record['kind']}/{name}", value, record["step"])
 
     def train(self, step: int, metrics: dict) -> None:
         now = self.elapsed()
@@ -57,7 +83,9 @@ class MetricsLogger:
                 f" | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f}"
                 f" | {metrics['tokens_per_s']:,.0f} tok/s")
         if "expert_load_max_mean" in metrics:
-            line += f" | load max/mean {metrics['expert_load_max_mean']:.2f}"
+            line += f" | load max/mean {max(metrics['expert_load_max_mean'].values()):.2f}"
+            if any(metrics["dropped"].values()):
+                line += f" | dropped {sum(metrics['dropped'].values())}"
         print(f"{line} | {_clock(self.elapsed())} elapsed, ETA {_clock(eta)}", flush=True)
 
     def eval(self, step: int, loss: float) -> None:
@@ -69,6 +97,8 @@ class MetricsLogger:
     def close(self) -> None:
         if self.file:
             self.file.close()
+        if self.tensorboard is not None:
+            self.tensorboard.close()
 
 
 def _perplexity(loss: float) -> float:

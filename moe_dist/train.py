@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 import signal
@@ -15,20 +16,27 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
-from moe_dist.checkpoint import Checkpointer, CheckpointError, step_dir_name
+from moe_dist.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, step_dir_name
 from moe_dist.config import Config, ConfigError, load_config, parse_args, to_toml
 from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
 from moe_dist.data.loader import DataLoader, check_compatible
 from moe_dist.data.prep import read_manifest
-from moe_dist.metrics import MetricsLogger, expert_load_imbalance
+from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers
+from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, parallelize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape, resolve_ep
 from moe_dist.params import count_params, training_flops_per_token
+from moe_dist.preflight import (RunError, check_checkpoint_compatible, check_run_dir, check_run_tokenizer,
+                                clear_run_dir)
 
 Batch = tuple[Tensor, Tensor]
+
+
+class DivergedError(RuntimeError):
+    """Too many non-finite steps in a row; one line naming the steps and the last good checkpoint."""
 
 
 @dataclass
@@ -36,16 +44,21 @@ class StepResult:
     loss: float  # cross-entropy, mean over the global batch
     aux_loss: float
     grad_norm: float
-    expert_load: Tensor | None  # [moe layers, experts] pairs routed in this step, global
-    dropped: int  # pairs dropped by capacity on this rank
+    expert_load: Tensor | None  # [moe layers, experts] pairs routed in this step, all ranks
+    dropped: Tensor | None  # [moe layers] pairs dropped by capacity in this step, all ranks
+    skipped: bool = False  # the loss or the gradient was not finite: no update was made
 
 
-def mean_over_ranks(value: Tensor) -> float:
+def sum_over_ranks(value: Tensor) -> Tensor:
     if dist.is_initialized() and dist.get_world_size() > 1:
         value = value.clone()
         dist.all_reduce(value)
-        value /= dist.get_world_size()
-    return value.item()
+    return value
+
+
+def mean_over_ranks(value: Tensor) -> float:
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    return (sum_over_ranks(value) / world).item()
 
 
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
@@ -54,11 +67,14 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
                max_grad_norm: float) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation), then the router bias update."""
+    """One optimizer step over `micro_batches` (gradient accumulation), then the router bias update.
+
+    A non-finite loss or gradient norm (both global, so every rank agrees) skips the update.
+    """
     model.train()
     layers = moe_layers(model)
     ce_sum = aux_sum = torch.zeros(())
-    load, dropped = None, 0
+    load, dropped = None, torch.zeros(len(layers))
     for i, (inputs, targets) in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
@@ -70,15 +86,21 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
         if layers:
             counts = torch.stack([m.last_counts for m in layers]).cpu()
             load = counts if load is None else load + counts
-            dropped += sum(int(m.last_dropped) for m in layers)
+            dropped += torch.stack([m.last_dropped for m in layers]).cpu()
+    n, world = len(micro_batches), dist.get_world_size() if dist.is_initialized() else 1
+    totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum]) / n, dropped]))  # one collective
+    loss, aux = (totals[:2] / world).tolist()
+    dropped = totals[2:].long() if layers else None
     grad_norm = clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+        optimizer.zero_grad(set_to_none=True)
+        return StepResult(loss, aux, grad_norm, load, dropped, skipped=True)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
     for layer, counts in zip(layers, load if load is not None else []):
         layer.router.update_expert_bias(counts.to(layer.router.expert_bias.device))
-    n = len(micro_batches)
-    return StepResult(mean_over_ranks(ce_sum / n), mean_over_ranks(aux_sum / n), grad_norm, load, dropped)
+    return StepResult(loss, aux, grad_norm, load, dropped)
 
 
 @torch.no_grad()
@@ -120,14 +142,16 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
 
 
-def resume_from_checkpoint(checkpointer: Checkpointer, cfg: Config, model, optimizer, scheduler) -> dict | None:
-    """Load the newest usable checkpoint; returns its train state, or None to start fresh."""
+def find_checkpoint(checkpointer: Checkpointer, cfg: Config) -> Path | None:
+    """The checkpoint to resume from (checked against this config), or None to start fresh."""
     path = checkpointer.find_resumable()
     if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
         raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
+    if path is not None:
+        check_checkpoint_compatible(path, cfg)
     if checkpointer.rank == 0:
         print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
-    return checkpointer.load(path, model, optimizer, scheduler) if path is not None else None
+    return path
 
 
 class Preemption:
@@ -135,10 +159,13 @@ class Preemption:
 
     def __init__(self):
         self.requested = False
-        signal.signal(signal.SIGTERM, self._handle)
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def _handle(self, signum, frame) -> None:
         self.requested = True
+
+    def restore(self) -> None:
+        signal.signal(signal.SIGTERM, self.previous)
 
     def agreed(self) -> bool:
         """True on every rank when any rank was signalled (ranks may get the signal at different steps)."""
@@ -147,18 +174,31 @@ class Preemption:
         return flag.item() > 0
 
 
-def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
-    """The main loop. Returns the summary that rank 0 prints."""
-    cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, runtime.world_size)
-    mesh_shape(cfg.parallel, runtime.world_size)  # a bad mesh fails before any collective
-    mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
+def start_run(cfg: Config, runtime: Runtime, resume: bool, overwrite: bool) -> tuple[Path, Path, Path | None]:
+    """Check everything before writing anything: (run dir, data dir, checkpoint to resume from or None)."""
     run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
+    data_dir = prepare_data(cfg)
+    resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
+    check_run_dir(run_dir, resuming, overwrite)
+    checkpoint = None
+    if resuming:
+        check_run_tokenizer(run_dir, data_dir)
+        checkpoint = find_checkpoint(Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size), cfg)
+    dist.barrier()  # every rank has checked the run dir before rank 0 writes to it
     if runtime.rank == 0:
+        if overwrite:
+            clear_run_dir(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "config.toml").write_text(to_toml(cfg))
-    data_dir = prepare_data(cfg)
-    if runtime.rank == 0:  # the run carries its tokenizer, for sampling and export
+        # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
         shutil.copyfile(data_dir / read_manifest(data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
+    return run_dir, data_dir, checkpoint
+
+
+def train(cfg: Config, runtime: Runtime, resume: bool = False, overwrite: bool = False) -> dict:
+    """The main loop. Returns the summary that rank 0 prints."""
+    mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
+    run_dir, data_dir, checkpoint = start_run(cfg, runtime, resume, overwrite)
     d = cfg.data
     train_data = DataLoader(data_dir, "train", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
     val_data = DataLoader(data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
@@ -168,18 +208,18 @@ def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size)
     step, tokens = 0, 0
-    if resume or cfg.checkpoint.resume:
-        state = resume_from_checkpoint(checkpointer, cfg, model, optimizer, scheduler)
-        if state is not None:
-            step, tokens = int(state["step"]), int(state["tokens"])
-            train_data.load_state_dict(state["data"])
+    if checkpoint is not None:
+        state = checkpointer.load(checkpoint, model, optimizer, scheduler)
+        step, tokens = int(state["step"]), int(state["tokens"])
+        train_data.load_state_dict(state["data"])
     if runtime.rank == 0:
         total, active = count_params(cfg)["total"]
         print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
               f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {data_dir}", flush=True)
     tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
     logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps, step, tokens_per_step,
-                           training_flops_per_token(cfg))
+                           training_flops_per_token(cfg), cfg.metrics.tensorboard)
+    moe_layer_ids = [i for i in range(cfg.model.n_layers) if is_moe_layer(i, cfg.moe)]
     preemption = Preemption()
 
     def run_eval(at_step: int) -> float:
@@ -196,27 +236,42 @@ def train(cfg: Config, runtime: Runtime, resume: bool = False) -> dict:
     start_step = step
     first_loss = result = val_loss = None
     preempted = False
+    nonfinite_in_a_row = 0
     last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
     while step < last:
         batches = [to_device(next(train_data), runtime.device) for _ in range(cfg.train.grad_accum)]
         result = train_step(model, optimizer, scheduler, batches, cfg.optim.grad_clip)
         step, tokens = step + 1, tokens + tokens_per_step
         first_loss = result.loss if first_loss is None else first_loss
+        nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
         checkpointer.poll()
-        if step % cfg.metrics.log_interval == 0 or step in (start_step + 1, last):
+        if step % cfg.metrics.log_interval == 0 or step in (start_step + 1, last) or result.skipped:
             metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": result.grad_norm, "tokens": tokens}
+                       "grad_norm": result.grad_norm, "tokens": tokens, "skipped": result.skipped}
             if result.expert_load is not None:
-                metrics["expert_load_max_mean"] = expert_load_imbalance(result.expert_load)
-                metrics["dropped"] = result.dropped
+                metrics.update(expert_load_metrics(result.expert_load, result.dropped, moe_layer_ids))
             logger.train(step, metrics)
+        if result.skipped and runtime.rank == 0:
+            print(f"warning: step {step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}: "
+                  f"update skipped ({nonfinite_in_a_row} in a row; train.max_nonfinite_steps = "
+                  f"{cfg.train.max_nonfinite_steps})", file=sys.stderr, flush=True)
+        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+            break
         if preemption.agreed():
             preempted = True
             break
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last:
+        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last and not result.skipped:
             save(step)
         if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != last:
             run_eval(step)
+    preemption.restore()
+    if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+        checkpointer.wait()
+        logger.close()
+        good = latest_checkpoint(checkpointer.root)
+        raise DivergedError(f"train: {nonfinite_in_a_row} non-finite steps in a row (steps "
+                            f"{step - nonfinite_in_a_row + 1}-{step}): stopped; the last good checkpoint is "
+                            f"{good if good is not None else 'none (no checkpoint was saved)'}")
     if step > start_step or preempted:
         save(step)
     checkpointer.wait()
@@ -243,17 +298,25 @@ def _print_summary(summary: dict) -> None:
 def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"
     try:
-        name, overrides, rest = parse_args(sys.argv[1:] if argv is None else argv)
-        unknown = [arg for arg in rest if arg != "--resume"]
-        if unknown:
-            raise ConfigError(f"train: unknown option {unknown[0]!r} (options: --config, --resume, --section.field)")
+        name, overrides, options = parse_args(sys.argv[1:] if argv is None else argv, "train",
+                                              {"resume": False, "overwrite": False})
+        if "resume" in options and "overwrite" in options:
+            raise ConfigError("train: --resume and --overwrite exclude each other")
         cfg = load_config(name or "tiny", overrides)
+        overwrite = "overwrite" in options
+        if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
+            # torchrun restarted every rank after one died: continue what this job wrote, never wipe it.
+            cfg.checkpoint.resume, overwrite = "auto", False
+        # torchrun's WORLD_SIZE is known before any process group: a mesh that does not fit fails here.
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world_size)
+        mesh_shape(cfg.parallel, world_size)
         runtime = init_distributed(cfg.train.device)
-        summary = train(cfg, runtime, resume="--resume" in rest)
-    except (ConfigError, DataError, CheckpointError) as e:
+        summary = train(cfg, runtime, resume="resume" in options, overwrite=overwrite)
+    except (ConfigError, DataError, CheckpointError, RunError, DivergedError) as e:
         if not quiet:
             print(e, file=sys.stderr)
-        return 2
+        return 1 if isinstance(e, DivergedError) else 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import subprocess
@@ -24,6 +25,11 @@ def trainer_command(nproc: int = 1, max_restarts: int = 0) -> list[str]:
             f"--max-restarts={max_restarts}", "-m", "moe_dist.train"]
 
 
+# A model a few times smaller than tiny, for runs that test the trainer rather than the model.
+SMALL_MODEL = ["--model.dim", "64", "--model.n_layers", "2", "--model.ffn_hidden", "128", "--moe.expert_hidden", "64",
+               "--model.max_seq_len", "64", "--data.seq_len", "64"]
+
+
 def trainer_args(runs_dir: Path, data_dir: Path | None, *args: str) -> list[str]:
     data = ["--data.path", str(data_dir), "--model.vocab_size", "512"] if data_dir else []
     return ["--metrics.runs_dir", str(runs_dir), "--metrics.log_interval", "1", "--train.eval_steps", "1", *data,
@@ -39,6 +45,20 @@ def start_trainer(cmd: list[str], **kwargs) -> subprocess.Popen:
 def run_trainer(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def tree_state(*roots: Path) -> dict[str, object]:
+    """Every directory and file under roots, files with their size and content hash: equal means untouched."""
+    state = {}
+    for root in roots:
+        for path in sorted(Path(root).rglob("*")):
+            state[str(path)] = "dir" if path.is_dir() else (path.stat().st_size,
+                                                            hashlib.sha256(path.read_bytes()).hexdigest())
+    return state
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:

@@ -16,8 +16,8 @@ import torch
 
 from moe_dist.data import DataError, corpus
 from moe_dist.data.loader import DataLoader, TokenShards, check_compatible
-from moe_dist.data.prep import prepare, read_manifest
-from moe_dist.data.tokenizer import load_tokenizer
+from moe_dist.data.prep import FORMAT_VERSION, SHARD_TOKENIZER_KEY, prepare, read_manifest
+from moe_dist.data.tokenizer import file_hash, load_tokenizer
 
 VOCAB = 300
 TXT = "The quick brown fox jumps over the lazy dog.\nZoë's café — naïve 🦊 fox.\n" * 3
@@ -109,21 +109,23 @@ def test_prep_cli_error_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"data: {tmp_path / 'empty.jsonl'}: empty file"]
 
 
-def _arange_dir(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 2**16) -> Path:
+def _arange_dir(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 2**16, tokenizer: str = "{}") -> Path:
     """A prepared-data dir by hand whose train tokens are 0, 1, 2, ...: a window's first token names it."""
     root.mkdir(parents=True)
+    (root / "tokenizer.json").write_text(tokenizer)
     splits = {}
     for split, n in (("train", n_tokens), ("val", n_tokens)):
         shards = []
         for k, start in enumerate(range(0, n, shard_tokens)):
             tokens = np.arange(start, min(start + shard_tokens, n), dtype=np.uint16)
-            schema = pa.schema([("tokens", pa.uint16())])
+            schema = pa.schema([("tokens", pa.uint16())],
+                               metadata={SHARD_TOKENIZER_KEY: file_hash(root / "tokenizer.json")})
             with pa.ipc.new_file(str(root / f"{split}-{k:05d}.arrow"), schema) as writer:
                 writer.write_batch(pa.record_batch([pa.array(tokens)], schema=schema))
             shards.append({"file": f"{split}-{k:05d}.arrow", "tokens": len(tokens)})
         splits[split] = {"shards": shards, "tokens": n, "documents": 1}
     manifest = {"vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0, "splits": splits,
-                "tokenizer": {"file": "tokenizer.json", "hash": ""}}
+                "tokenizer": {"file": "tokenizer.json", "hash": file_hash(root / "tokenizer.json")}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
 
@@ -203,6 +205,17 @@ def test_loader_errors(tmp_path, arange_dir):
         check_compatible(arange_dir, 2**16)
 
 
+def test_shards_of_another_tokenizer_are_refused(tmp_path, arange_dir):
+    check_compatible(arange_dir, 2**16)
+    other = _arange_dir(tmp_path / "other", 100, shard_tokens=50, tokenizer='{"another": 1}')
+    (arange_dir / "train-00001.arrow").write_bytes((other / "train-00001.arrow").read_bytes())
+    with pytest.raises(DataError, match=r"train-00001.arrow: built with tokenizer \w+, but the manifest's is"):
+        check_compatible(arange_dir, 2**16)
+    (other / "tokenizer.json").write_text("{}")  # replaced after prep: no longer the shards' tokenizer
+    with pytest.raises(DataError, match=r"other/tokenizer.json is not the tokenizer the shards were built with"):
+        check_compatible(other, 2**16)
+
+
 def test_default_corpus_builds_once(tmp_path, monkeypatch):
     lib = tmp_path / "lib"
     files = {
@@ -220,10 +233,11 @@ def test_default_corpus_builds_once(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "stdlib_dir", lambda: lib)
     monkeypatch.setattr(corpus, "STDLIB_CAP_BYTES", 4000)
     cache = tmp_path / "cache"
-    (cache / ".stdlib-v300.tmp").mkdir(parents=True)  # half-built by a killed run
-    (cache / ".stdlib-v300.tmp" / "train-00000.arrow").write_bytes(b"junk")
+    name = f"stdlib-f{FORMAT_VERSION}-v300"
+    (cache / f".{name}.tmp").mkdir(parents=True)  # half-built by a killed run
+    (cache / f".{name}.tmp" / "train-00000.arrow").write_bytes(b"junk")
     out = corpus.default_corpus(cache, VOCAB)
-    assert out == cache / "stdlib-v300" and not (cache / ".stdlib-v300.tmp").exists()
+    assert out == cache / name and not (cache / f".{name}.tmp").exists()
     assert _decode_docs(out) == [files["abc.py"], files["json/decoder.py"], files["json/encoder.py"]]
     mtime = (out / "manifest.json").stat().st_mtime_ns
     start = time.monotonic()

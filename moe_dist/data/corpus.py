@@ -10,7 +10,7 @@ import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from moe_dist.data.prep import MANIFEST, prepare
+from moe_dist.data.prep import FORMAT_VERSION, MANIFEST, prepare
 
 STDLIB_CAP_BYTES = 16 * 2**20  # keeps tokenizer training + tokenization well under a minute on 2 cores
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -41,9 +41,9 @@ def stdlib_texts(root: Path, cap_bytes: int) -> Iterator[str]:
 
 
 def default_corpus(cache_root: Path, vocab_size: int) -> Path:
-    """The prepared stdlib corpus under cache_root/stdlib-v{vocab_size}, built on first use."""
+    """The prepared stdlib corpus under cache_root/stdlib-f{format}-v{vocab_size}, built on first use."""
     cache_root = Path(cache_root)
-    target = cache_root / f"stdlib-v{vocab_size}"
+    target = cache_root / f"stdlib-f{FORMAT_VERSION}-v{vocab_size}"
     if (target / MANIFEST).is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)

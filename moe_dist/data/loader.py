@@ -9,11 +9,12 @@ import pyarrow as pa
 import torch
 
 from moe_dist.data import DataError, one_line
-from moe_dist.data.prep import MANIFEST, read_manifest
+from moe_dist.data.prep import MANIFEST, SHARD_TOKENIZER_KEY, read_manifest
+from moe_dist.data.tokenizer import file_hash
 
 
-def _map_shard(path: Path, dtype: str) -> list[np.ndarray]:
-    """Zero-copy numpy views of a shard's `tokens` record batches."""
+def _map_shard(path: Path, dtype: str, tokenizer_hash: str) -> list[np.ndarray]:
+    """Zero-copy numpy views of a shard's `tokens` record batches; DataError if another tokenizer made it."""
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path)))
     except (pa.ArrowException, OSError) as e:
@@ -23,6 +24,10 @@ def _map_shard(path: Path, dtype: str) -> list[np.ndarray]:
     kind = reader.schema.field("tokens").type
     if str(kind) != dtype:
         raise DataError(f"data: {path}: tokens are {kind} but the manifest says {dtype}")
+    made_with = (reader.schema.metadata or {}).get(SHARD_TOKENIZER_KEY, b"none").decode()
+    if made_with != tokenizer_hash:
+        raise DataError(f"data: {path}: built with tokenizer {made_with}, but the manifest's is {tokenizer_hash} "
+                        f"(shards of another prep?); prepare the data again")
     return [reader.get_batch(i).column("tokens").to_numpy(zero_copy_only=True)
             for i in range(reader.num_record_batches)]
 
@@ -38,7 +43,9 @@ class TokenShards:
                             f"(splits: {', '.join(self.manifest['splits'])})")
         self.split = split
         shards = self.manifest["splits"][split]["shards"]
-        self.chunks = [a for s in shards for a in _map_shard(self.data_dir / s["file"], self.manifest["dtype"])]
+        made_with = self.manifest["tokenizer"]["hash"]
+        self.chunks = [a for s in shards
+                       for a in _map_shard(self.data_dir / s["file"], self.manifest["dtype"], made_with)]
         self.starts = np.cumsum([0] + [len(a) for a in self.chunks])
 
     def __len__(self) -> int:
@@ -56,8 +63,14 @@ class TokenShards:
 
 
 def check_compatible(data_dir: Path | str, vocab_size: int) -> None:
-    """DataError unless the prepared data fits a model of vocab_size and every shard has the manifest's dtype."""
+    """DataError unless the prepared data fits a model of vocab_size, with the manifest's tokenizer and dtype."""
     manifest = read_manifest(Path(data_dir))
+    tokenizer = Path(data_dir) / manifest["tokenizer"]["file"]
+    if not tokenizer.is_file():
+        raise DataError(f"data: {tokenizer}: missing (the manifest names it)")
+    if file_hash(tokenizer) != manifest["tokenizer"]["hash"]:
+        raise DataError(f"data: {tokenizer} is not the tokenizer the shards were built with "
+                        f"(hash {file_hash(tokenizer)}, manifest {manifest['tokenizer']['hash']})")
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")

@@ -3,6 +3,7 @@
 The output directory holds:
   tokenizer.json         byte-level BPE; <|endoftext|> (EOS) follows every document
   train-00000.arrow ...  Arrow IPC files, one column `tokens` (uint16, uint32 above 65536 ids), one record batch,
+                         the tokenizer's hash in the schema metadata,
   val-00000.arrow ...    exactly shard_tokens tokens each but the last; val holds the last val_fraction of documents
   manifest.json          written last, atomically: if it exists, every file it lists is complete
 """
@@ -33,7 +34,8 @@ from moe_dist.data.tokenizer import eos_id, file_hash, load_tokenizer, train_tok
 SUFFIXES = (".txt", ".jsonl", ".parquet")
 MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-FORMAT_VERSION = 1
+SHARD_TOKENIZER_KEY = b"moe_dist.tokenizer_hash"
+FORMAT_VERSION = 2  # 2: every shard names its tokenizer in its schema metadata
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 DEFAULT_SHARD_TOKENS = 2**24
 CHUNK_BYTES = 1 << 20  # text per worker task: amortises pickling, keeps memory bounded
@@ -231,9 +233,10 @@ def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
 class _ShardWriter:
     """Cuts one split's token stream into Arrow IPC files of shard_tokens tokens (the last one shorter)."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: str):
+    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: str, tokenizer_hash: str):
         self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))])
+        self.schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))],
+                                metadata={SHARD_TOKENIZER_KEY: tokenizer_hash})
         self.parts, self.buffered, self.shards, self.docs = [], 0, [], 0
 
     def add(self, ids: np.ndarray, docs: int) -> None:
@@ -263,7 +266,8 @@ class _ShardWriter:
 
 def _tokenize(files: list[Path], text_field: str, n_train: int, out_dir: Path, tokenizer_path: Path, eos: int,
               dtype: str, workers: int, shard_tokens: int) -> dict:
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens, dtype) for split in ("train", "val")}
+    writers = {split: _ShardWriter(out_dir, split, shard_tokens, dtype, file_hash(tokenizer_path))
+               for split in ("train", "val")}
     progress = _Progress("tokenizing")
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), eos, dtype)) as pool:

@@ -54,11 +54,12 @@ def resolve_ep(cfg: ParallelConfig, num_experts: int, world_size: int) -> int:
 def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
     """(dp_shard, ep), checked against the world size before any collective runs."""
     if world_size % cfg.ep != 0:
-        raise ConfigError(f"config: parallel.ep = {cfg.ep} must divide the world size {world_size}")
+        raise ConfigError(f"config: parallel.ep = {cfg.ep} must divide the world size {world_size} "
+                          f"(nodes x --nproc_per_node)")
     dp_shard = world_size // cfg.ep if cfg.dp_shard == -1 else cfg.dp_shard
     if dp_shard * cfg.ep != world_size:
         raise ConfigError(f"config: parallel.dp_shard = {cfg.dp_shard} x parallel.ep = {cfg.ep} "
-                          f"must equal the world size {world_size}")
+                          f"must equal the world size {world_size} (nodes x --nproc_per_node)")
     return dp_shard, cfg.ep
 
 

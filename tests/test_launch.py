@@ -1,0 +1,70 @@
+"""launch/: local.sh end to end on CPU; the SLURM script's torchrun command line."""
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from runs import REPO, SMALL_MODEL, read_metrics, trainer_args
+
+
+@pytest.mark.slow
+def test_local_sh_runs_two_cpu_ranks(tmp_path, prepared_data):
+    args = trainer_args(tmp_path, prepared_data, *SMALL_MODEL, "--train.steps", "8", "--metrics.log_interval", "4",
+                        "--train.eval_interval", "4", "--parallel.ep", "0", "--optim.lr", "1e-2")
+    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
+    result = subprocess.run(["launch/local.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "2 ranks = dp_shard 1 x ep 2 on cpu" in result.stdout and "done: 8 steps" in result.stdout
+    records = read_metrics(tmp_path / "tiny")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 4, 8] and train[-1]["loss"] < train[0]["loss"]
+    assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
+
+
+def slurm_command(tmp_path, *args: str, **env: str) -> list[str]:
+    """The command slurm.sbatch would run, printed by DRY_RUN=1 with SLURM's variables and a stand-in scontrol."""
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    scontrol = bin_dir / "scontrol"
+    scontrol.write_text('#!/bin/sh\n[ "$1 $2 $3" = "show hostnames gpu[01-04]" ] && printf "gpu01\\ngpu02\\n"\n')
+    scontrol.chmod(0o755)
+    env = {"PATH": f"{bin_dir}:{os.environ['PATH']}", "DRY_RUN": "1", "SLURM_JOB_ID": "4242", "SLURM_NNODES": "4",
+           "SLURM_JOB_NODELIST": "gpu[01-04]", "SLURM_SUBMIT_DIR": str(tmp_path), **env}
+    result = subprocess.run(["bash", "launch/slurm.sbatch", *args], cwd=REPO, env=env, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return shlex.split(result.stdout)
+
+
+def test_slurm_script_parses():
+    assert subprocess.run(["bash", "-n", "launch/slurm.sbatch"], cwd=REPO).returncode == 0
+
+
+def test_slurm_torchrun_command(tmp_path):
+    cmd = slurm_command(tmp_path, "--config", "3b", "--train.name", "a b")
+    assert cmd == ["srun", "--kill-on-bad-exit=1", "python3", "-m", "torch.distributed.run",
+                   "--nnodes=4", "--nproc_per_node=8", "--rdzv_id=4242", "--rdzv_backend=c10d",
+                   "--rdzv_endpoint=gpu01:29500", "--max-restarts=3", f"--log-dir={tmp_path}/logs/4242", "--tee=3",
+                   "-m", "moe_dist.train", "--checkpoint.resume", "auto", "--config", "3b", "--train.name", "a b"]
+
+
+def test_slurm_variables(tmp_path):
+    (tmp_path / ".venv" / "bin").mkdir(parents=True)
+    venv_python = tmp_path / ".venv" / "bin" / "python"
+    venv_python.write_text("#!/bin/sh\n")
+    venv_python.chmod(0o755)
+    cmd = slurm_command(tmp_path, GPUS_PER_NODE="4", MASTER_PORT="30000", MAX_RESTARTS="0", LOG_DIR="/scratch/l")
+    assert cmd[2] == str(venv_python)  # the submit dir's .venv when there is one
+    assert {"--nproc_per_node=4", "--rdzv_endpoint=gpu01:30000", "--max-restarts=0", "--log-dir=/scratch/l"} \
+        <= set(cmd)
+
+
+def test_slurm_outside_slurm_is_one_line(tmp_path):
+    result = subprocess.run(["bash", "launch/slurm.sbatch"], cwd=REPO, capture_output=True, text=True,
+                            env={"PATH": os.environ["PATH"]})
+    assert result.returncode != 0 and "submit with sbatch" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
