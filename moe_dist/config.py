@@ -206,7 +206,10 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, object] | 
             if not isinstance(values, dict):
                 raise ConfigError(f"config: {path}: top-level key {section_name!r} must be a [section]")
             for name, value in values.items():
-                _set(cfg, f"{section_name}.{name}", value)
+                try:
+                    _set(cfg, f"{section_name}.{name}", value)
+                except ConfigError as e:  # name the file too
+                    raise ConfigError(str(e).replace("config: ", f"config: {path}: ", 1)) from None
     for key, value in (overrides or {}).items():
         _set(cfg, key, value)
     validate(cfg)

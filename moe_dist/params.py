@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> int:
         if "ep" in options:
             overrides["parallel.ep"] = options["ep"]
         cfg = load_config(name or "tiny", overrides)
-        world = _positive_int("--world", options.get("world", "1"))
+        # Without --world: the smallest world the config's mesh fits.
+        smallest = max(cfg.parallel.ep, 1) * max(cfg.parallel.dp_shard, 1)
+        world = _positive_int("--world", options.get("world", str(smallest)))
         device_memory = None
         if "device-memory" in options:
             try:

@@ -84,7 +84,9 @@ def test_bad_config(capsys, tmp_path, prepared_data, args, message):
 def test_bad_config_file(capsys, tmp_path):
     bad = tmp_path / "bad.toml"
     bad.write_text("[model]\ndim = 'wide'\n")
-    assert_refused(capsys, ["--config", str(bad)], "config: model.dim must be int, got 'wide'", tmp_path)
+    assert_refused(capsys, ["--config", str(bad)], f"config: {bad}: model.dim must be int, got 'wide'", tmp_path)
+    bad.write_text("[model]\nwidth = 3\n")
+    assert_refused(capsys, ["--config", str(bad)], f"config: {bad}: unknown key 'model.width'", tmp_path)
 
 
 def test_checkpoint_of_another_model(capsys, run_copy):
