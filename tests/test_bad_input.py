@@ -6,7 +6,7 @@ import pytest
 
 from moe_dist.data.prep import prepare
 from moe_dist.train import main
-from runs import SMALL_MODEL, tree_state, trainer_args
+from runs import tree_state, trainer_args
 
 
 @pytest.fixture
@@ -44,7 +44,8 @@ def test_unreadable_shard(capsys, tmp_path, prepared_data):
 
 def test_data_of_another_vocabulary(capsys, tmp_path, prepared_data):
     argv = trainer_args(tmp_path / "runs", prepared_data, "--model.vocab_size", "1024")
-    assert_refused(capsys, argv, "was prepared for vocab_size 512, but model.vocab_size is 1024", tmp_path, prepared_data)
+    assert_refused(capsys, argv, "was prepared for vocab_size 512, but model.vocab_size is 1024", tmp_path,
+                   prepared_data)
 
 
 def test_shards_of_another_tokenizer(capsys, tmp_path, prepared_data):
