@@ -4,11 +4,9 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
 import signal
 import sys
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
@@ -17,11 +15,9 @@ from torch import Tensor, nn
 from torch.distributed.fsdp import FSDPModule
 
 from moe_dist.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, step_dir_name
-from moe_dist.config import Config, ConfigError, load_config, parse_args, to_toml
+from moe_dist.config import Config, ConfigError, load_config, parse_args
 from moe_dist.data import DataError
-from moe_dist.data.corpus import default_corpus
-from moe_dist.data.loader import DataLoader, check_compatible
-from moe_dist.data.prep import read_manifest
+from moe_dist.data.loader import DataLoader
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
@@ -29,8 +25,7 @@ from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, parallelize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape, resolve_ep
 from moe_dist.params import count_params, training_flops_per_token
-from moe_dist.preflight import (RunError, check_checkpoint_compatible, check_run_dir, check_run_tokenizer,
-                                clear_run_dir)
+from moe_dist.startup import RunError, start_run
 
 Batch = tuple[Tensor, Tensor]
 
@@ -128,30 +123,8 @@ def build_model(cfg: Config, mesh, runtime: Runtime) -> nn.Module:
     return model
 
 
-def prepare_data(cfg: Config) -> Path:
-    """The configured data dir, or the default corpus (built once, by whichever rank gets its lock first)."""
-    if cfg.data.path:
-        data_dir = Path(cfg.data.path)
-    else:
-        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size)
-    check_compatible(data_dir, cfg.model.vocab_size)
-    return data_dir
-
-
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
-
-
-def find_checkpoint(checkpointer: Checkpointer, cfg: Config) -> Path | None:
-    """The checkpoint to resume from (checked against this config), or None to start fresh."""
-    path = checkpointer.find_resumable()
-    if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
-        raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
-    if path is not None:
-        check_checkpoint_compatible(path, cfg)
-    if checkpointer.rank == 0:
-        print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
-    return path
 
 
 class Preemption:
@@ -172,27 +145,6 @@ class Preemption:
         flag = torch.tensor([1.0 if self.requested else 0.0])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return flag.item() > 0
-
-
-def start_run(cfg: Config, runtime: Runtime, resume: bool, overwrite: bool) -> tuple[Path, Path, Path | None]:
-    """Check everything before writing anything: (run dir, data dir, checkpoint to resume from or None)."""
-    run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
-    data_dir = prepare_data(cfg)
-    resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
-    check_run_dir(run_dir, resuming, overwrite)
-    checkpoint = None
-    if resuming:
-        check_run_tokenizer(run_dir, data_dir)
-        checkpoint = find_checkpoint(Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size), cfg)
-    dist.barrier()  # every rank has checked the run dir before rank 0 writes to it
-    if runtime.rank == 0:
-        if overwrite:
-            clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
-        shutil.copyfile(data_dir / read_manifest(data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
-    return run_dir, data_dir, checkpoint
 
 
 def train(cfg: Config, runtime: Runtime, resume: bool = False, overwrite: bool = False) -> dict:

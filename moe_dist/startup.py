@@ -1,15 +1,24 @@
-"""Checks that run before a training run writes anything: its run dir, the checkpoint, the tokenizer."""
+"""Everything before a run's first step: the data, the run dir, the checkpoint to resume from.
+
+All of it is checked, on every rank, before anything is written, so that bad input stops the run
+with one line and leaves earlier runs, checkpoints and data as they were.
+"""
 
 from __future__ import annotations
 
 import shutil
 from pathlib import Path
 
-from moe_dist.checkpoint import CheckpointError
-from moe_dist.config import Config, ConfigError, load_config
+import torch.distributed as dist
+
+from moe_dist.checkpoint import Checkpointer, CheckpointError
+from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError
+from moe_dist.data.corpus import default_corpus
+from moe_dist.data.loader import check_compatible
 from moe_dist.data.prep import read_manifest
 from moe_dist.data.tokenizer import file_hash
+from moe_dist.parallel.mesh import Runtime
 
 
 class RunError(RuntimeError):
@@ -65,3 +74,46 @@ def check_run_tokenizer(run_dir: Path, data_dir: Path) -> None:
     if run_tokenizer.is_file() and file_hash(run_tokenizer) != read_manifest(data_dir)["tokenizer"]["hash"]:
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {run_tokenizer}, "
                         f"which this run was trained with")
+
+
+def prepare_data(cfg: Config) -> Path:
+    """The configured data dir, or the default corpus (built once, by whichever rank gets its lock first)."""
+    if cfg.data.path:
+        data_dir = Path(cfg.data.path)
+    else:
+        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size)
+    check_compatible(data_dir, cfg.model.vocab_size)
+    return data_dir
+
+
+def find_checkpoint(checkpointer: Checkpointer, cfg: Config) -> Path | None:
+    """The checkpoint to resume from (checked against this config), or None to start fresh."""
+    path = checkpointer.find_resumable()
+    if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
+        raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
+    if path is not None:
+        check_checkpoint_compatible(path, cfg)
+    if checkpointer.rank == 0:
+        print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
+    return path
+
+
+def start_run(cfg: Config, runtime: Runtime, resume: bool, overwrite: bool) -> tuple[Path, Path, Path | None]:
+    """Check everything before writing anything: (run dir, data dir, checkpoint to resume from or None)."""
+    run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
+    data_dir = prepare_data(cfg)
+    resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
+    check_run_dir(run_dir, resuming, overwrite)
+    checkpoint = None
+    if resuming:
+        check_run_tokenizer(run_dir, data_dir)
+        checkpoint = find_checkpoint(Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size), cfg)
+    dist.barrier()  # every rank has checked the run dir before rank 0 writes to it
+    if runtime.rank == 0:
+        if overwrite:
+            clear_run_dir(run_dir)
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "config.toml").write_text(to_toml(cfg))
+        # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
+        shutil.copyfile(data_dir / read_manifest(data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
+    return run_dir, data_dir, checkpoint
