@@ -19,6 +19,7 @@ ROUTINGS = [
     {"moe.top_k": "2", "moe.shared_expert_hidden": "32"},
     {"moe.top_k": "2", "skew": True},  # the last two experts get no tokens at all
     {"moe.top_k": "1", "moe.capacity_factor": "0.5"},
+    {"moe.top_k": "2", "moe.num_experts": "4"},  # at ep = 4, one expert per rank
 ]
 
 

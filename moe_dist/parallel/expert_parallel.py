@@ -40,11 +40,13 @@ class AllToAllDispatcher:
         send_splits, recv_splits = torch.stack([send, counts_in.sum(1)]).tolist()
         received = funcol.all_to_all_single_autograd(rows, recv_splits, send_splits, self.group)
 
-        # Received rows are ordered (source rank, local expert): regroup them by local expert.
-        local_ids = torch.arange(self.num_local, device=tokens.device).repeat(self.ep)
-        local_ids = torch.repeat_interleave(local_ids, counts_in.reshape(-1), output_size=sum(recv_splits))
-        local_plan = plan_routing(local_ids.unsqueeze(1), self.num_local)
-        outputs = unpermute(experts(permute(received, local_plan), local_plan.counts), local_plan)
+        if self.num_local == 1:  # one local expert: the received rows are one group already
+            outputs = experts(received, counts_in.sum(0))
+        else:  # received rows are ordered (source rank, local expert): regroup them by local expert
+            local_ids = torch.arange(self.num_local, device=tokens.device).repeat(self.ep)
+            local_ids = torch.repeat_interleave(local_ids, counts_in.reshape(-1), output_size=sum(recv_splits))
+            local_plan = plan_routing(local_ids.unsqueeze(1), self.num_local)
+            outputs = unpermute(experts(permute(received, local_plan), local_plan.counts), local_plan)
 
         returned = funcol.all_to_all_single_autograd(outputs, send_splits, recv_splits, self.group)
         return unpermute(returned, plan, route.weights)
