@@ -8,6 +8,7 @@ Activations are estimated from what autograd saves in this model's forward (see 
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -109,9 +110,8 @@ class MemoryPlan:
 
 def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPlan:
     """Per-device memory of a training run of `cfg` on `world` ranks (ConfigError for an impossible mesh)."""
-    parallel = type(cfg.parallel)(**{**vars(cfg.parallel), "ep": resolve_ep(cfg.parallel, cfg.moe.num_experts,
-                                                                              world)})
-    dp_shard, ep = mesh_shape(parallel, world)
+    ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
+    dp_shard, ep = mesh_shape(dataclasses.replace(cfg.parallel, ep=ep), world)
     shards = local_shard_numels(cfg, world, rank=0)
     shard_bytes = FP32 * sum(shards.values())
 
