@@ -25,6 +25,18 @@ def test_local_sh_runs_two_cpu_ranks(tmp_path, prepared_data):
     assert [r["step"] for r in records if r["kind"] == "eval"] == [4, 8]
 
 
+@pytest.mark.slow
+def test_local_sh_with_a_mesh_that_does_not_fit(tmp_path, prepared_data):
+    args = trainer_args(tmp_path / "runs", prepared_data, "--parallel.ep", "1", "--parallel.dp_shard", "4")
+    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
+    result = subprocess.run(["launch/local.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                            timeout=300)
+    assert result.returncode != 0
+    line = "config: parallel.dp_shard = 4 x parallel.ep = 1 must equal the world size 2 (nodes x --nproc_per_node)"
+    assert result.stderr.count(line) == 1  # rank 0's line; torchrun's own failure report follows it
+    assert not (tmp_path / "runs").exists()
+
+
 def slurm_command(tmp_path, *args: str, **env: str) -> list[str]:
     """The command slurm.sbatch would run, printed by DRY_RUN=1 with SLURM's variables and a stand-in scontrol."""
     bin_dir = tmp_path / "bin"
