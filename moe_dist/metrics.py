@@ -23,6 +23,26 @@ def expert_load_metrics(load: torch.Tensor, dropped: torch.Tensor, layer_ids: li
             "dropped": dict(zip(keys, dropped.tolist()))}
 
 
+def drop_torn_tail(path: Path, block: int = 1 << 16) -> None:
+    """A run killed while writing leaves a partial last line: cut it, so that the next record starts a line."""
+    if not path.exists():
+        return
+    with open(path, "r+b") as f:
+        end = f.seek(0, 2)
+        position = end
+        while position > 0:
+            start = max(0, position - block)
+            f.seek(start)
+            chunk = f.read(position - start)
+            newline = chunk.rfind(b"\n")
+            if newline >= 0:
+                if start + newline + 1 < end:
+                    f.truncate(start + newline + 1)
+                return
+            position = start
+        f.truncate(0)  # not one complete line
+
+
 def _finite_or_none(value: object) -> object:
     """JSON has no NaN or infinity: a skipped step's loss is written as null."""
     return None if isinstance(value, float) and not math.isfinite(value) else value
@@ -45,7 +65,10 @@ class MetricsLogger:
         self.flops_per_token = flops_per_token
         self.start = time.perf_counter()
         self.last_time, self.last_step = 0.0, start_step  # throughput is measured between log lines
-        self.file = open(run_dir / "metrics.jsonl", "a") if self.enabled else None
+        self.file = None
+        if self.enabled:
+            drop_torn_tail(run_dir / "metrics.jsonl")
+            self.file = open(run_dir / "metrics.jsonl", "a")
         self.tensorboard = None
         if self.enabled and tensorboard:
             from torch.utils.tensorboard import SummaryWriter  # optional: config validation checked it is there

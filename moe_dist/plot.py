@@ -22,7 +22,8 @@ def read_records(run_dir: Path) -> tuple[dict[int, dict], dict[int, dict]]:
     if not path.is_file():
         raise PlotError(f"plot: {path}: no such file (is {run_dir} a run directory?)")
     train, evals = {}, {}
-    for lineno, line in enumerate(path.read_text().splitlines(), 1):
+    complete = path.read_text().split("\n")[:-1]  # a line the trainer is still writing is left out
+    for lineno, line in enumerate(complete, 1):
         if not line.strip():
             continue
         try:

@@ -58,16 +58,16 @@ def tree_state(*roots: Path) -> dict[str, object]:
 
 
 def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    """The records of metrics.jsonl; a line the trainer is still writing (no newline yet) is left out."""
+    complete = (run_dir / "metrics.jsonl").read_text().split("\n")[:-1]
+    return [json.loads(line) for line in complete if line.strip()]
 
 
 def train_losses(run_dir: Path) -> dict[int, float]:
     """step -> training loss from metrics.jsonl (a restarted step keeps its last value)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.exists():
+    if not (run_dir / "metrics.jsonl").exists():
         return {}
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"}
 
 
 def checkpoint_weights(step_dir: Path) -> dict[str, torch.Tensor]:

@@ -6,6 +6,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from moe_dist.config import ConfigError, load_config
+from moe_dist.metrics import MetricsLogger, drop_torn_tail
 from moe_dist.plot import main as plot_main
 from runs import read_metrics
 
@@ -65,3 +66,20 @@ def test_plot_errors_are_one_line(tmp_path, capsys):
     (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n{broken\n')
     assert plot_main([str(tmp_path)]) == 2
     assert capsys.readouterr().err.startswith(f"plot: {tmp_path}/metrics.jsonl:2: not valid JSON")
+    (tmp_path / "metrics.jsonl").write_text('{"kind": "train", "step": 1, "loss": 2.0}\n{"kind": "tra')
+    assert plot_main([str(tmp_path)]) == 0  # a live run's line in the middle of being written is left out
+
+
+def test_a_torn_last_line_is_cut_when_a_run_restarts(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    whole = '{"kind": "train", "step": 1}\n{"kind": "train", "step": 2}\n'
+    path.write_text(whole + '{"kind": "tr')  # a run killed while writing
+    MetricsLogger(tmp_path, 0, 10, 2, 1, 1).close()
+    assert path.read_text() == whole
+    for block in (4, 1 << 16):  # reading back in blocks shorter and longer than a line
+        path.write_text(whole + '{"kind": "tr')
+        drop_torn_tail(path, block)
+        assert path.read_text() == whole
+    path.write_text('{"kind": "tr')
+    drop_torn_tail(path)
+    assert path.read_text() == ""
