@@ -37,10 +37,10 @@ def meta_model(cfg: Config) -> Transformer:
         return Transformer(cfg.model, cfg.moe)
 
 
-def local_shard_numels(cfg: Config, world: int, rank: int) -> dict[str, int]:
-    """{parameter name: elements of its local shard on `rank`} for a run of `world` ranks."""
+def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> dict[str, int]:
+    """{parameter name: elements of its local shard on `rank`} for a run of `world` ranks (model: cfg's, on meta)."""
     ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
-    model = meta_model(cfg)
+    model = model if model is not None else meta_model(cfg)
     expert_params = {f"{module_name}.{name}" for module_name, module in model.named_modules()
                      if isinstance(module, GroupedExperts) for name, _ in module.named_parameters()}
     numels = {}
@@ -112,11 +112,11 @@ def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPla
     """Per-device memory of a training run of `cfg` on `world` ranks (ConfigError for an impossible mesh)."""
     ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
     dp_shard, ep = mesh_shape(dataclasses.replace(cfg.parallel, ep=ep), world)
-    shards = local_shard_numels(cfg, world, rank=0)
+    model = meta_model(cfg)
+    shards = local_shard_numels(cfg, world, rank=0, model=model)
     shard_bytes = FP32 * sum(shards.values())
 
     act = activation_dtype_bytes(cfg, device_type)
-    model = meta_model(cfg)
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers."))
     block_numels = []
     for block in model.layers:

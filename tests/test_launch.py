@@ -10,13 +10,17 @@ import pytest
 from runs import REPO, SMALL_MODEL, read_metrics, trainer_args
 
 
+def run_local_sh(*args: str) -> subprocess.CompletedProcess:
+    """launch/local.sh with two CPU processes and this interpreter."""
+    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
+    return subprocess.run(["launch/local.sh", *args], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+
+
 @pytest.mark.slow
 def test_local_sh_runs_two_cpu_ranks(tmp_path, prepared_data):
     args = trainer_args(tmp_path, prepared_data, *SMALL_MODEL, "--train.steps", "8", "--metrics.log_interval", "4",
                         "--train.eval_interval", "4", "--parallel.ep", "0", "--optim.lr", "1e-2")
-    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
-    result = subprocess.run(["launch/local.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=600)
+    result = run_local_sh(*args)
     assert result.returncode == 0, result.stderr[-3000:]
     assert "2 ranks = dp_shard 1 x ep 2 on cpu" in result.stdout and "done: 8 steps" in result.stdout
     records = read_metrics(tmp_path / "tiny")
@@ -28,9 +32,7 @@ def test_local_sh_runs_two_cpu_ranks(tmp_path, prepared_data):
 @pytest.mark.slow
 def test_local_sh_with_a_mesh_that_does_not_fit(tmp_path, prepared_data):
     args = trainer_args(tmp_path / "runs", prepared_data, "--parallel.ep", "1", "--parallel.dp_shard", "4")
-    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable}
-    result = subprocess.run(["launch/local.sh", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_local_sh(*args)
     assert result.returncode != 0
     line = "config: parallel.dp_shard = 4 x parallel.ep = 1 must equal the world size 2 (nodes x --nproc_per_node)"
     assert result.stderr.count(line) == 1  # rank 0's line; torchrun's own failure report follows it

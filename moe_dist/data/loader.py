@@ -68,9 +68,10 @@ def check_compatible(data_dir: Path | str, vocab_size: int) -> None:
     tokenizer = Path(data_dir) / manifest["tokenizer"]["file"]
     if not tokenizer.is_file():
         raise DataError(f"data: {tokenizer}: missing (the manifest names it)")
-    if file_hash(tokenizer) != manifest["tokenizer"]["hash"]:
+    found = file_hash(tokenizer)
+    if found != manifest["tokenizer"]["hash"]:
         raise DataError(f"data: {tokenizer} is not the tokenizer the shards were built with "
-                        f"(hash {file_hash(tokenizer)}, manifest {manifest['tokenizer']['hash']})")
+                        f"(hash {found}, manifest {manifest['tokenizer']['hash']})")
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")
