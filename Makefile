@@ -16,10 +16,12 @@ install:
 	$(BIN)/python -m pip install -q -e ".[dev]"
 
 # The demo job starts runs/tiny over each time (--overwrite); with ARGS you choose, e.g. ARGS=--resume.
+# launch/local.sh checks everything once, then runs torchrun --nproc_per_node=$(NPROC) -m moe_dist.train.
 train: install
-	$(BIN)/torchrun --nproc_per_node=$(NPROC) -m moe_dist.train $(or $(ARGS),--overwrite)
+	NPROC=$(NPROC) PYTHON=$(BIN)/python launch/local.sh $(or $(ARGS),--overwrite)
 
 test: install
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -n auto -q $(ARGS)
 
 # Routing, all-to-all dispatch and training-step benchmarks, minutes on a laptop; ARGS=--full for the

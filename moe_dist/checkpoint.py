@@ -1,29 +1,36 @@
-"""torch.distributed.checkpoint save / load / resume: atomic, keep-last-k, optionally async.
+"""torch.distributed.checkpoint save / load / resume: atomic, checksummed, keep-last-k, optionally async.
 
 runs/<name>/checkpoints/step-<N>/ holds the DCP shards of every rank, each rank's RNG state, the
-resolved config.toml and COMPLETE: a list of every file with its size, written last. A checkpoint
+resolved config.toml and COMPLETE: every file with its size and CRC-32, written last. A checkpoint
 is written as .step-<N>.tmp and renamed when every rank has finished; `latest` (a text file
 naming the newest complete checkpoint) is replaced atomically after that. A kill at any moment
 leaves at worst a .tmp directory, which is never resumed from and is removed by the next save.
+Each file's CRC-32 is computed as DCP writes it, and checked (spread over the ranks) before a resume.
 """
 
 from __future__ import annotations
 
+import io
 import json
-import os
 import random
 import shutil
-from concurrent.futures import Future
+import zlib
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 from moe_dist.config import CheckpointConfig
+from moe_dist.files import file_crc32, swap_in, write_atomically
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -37,37 +44,118 @@ def step_dir_name(step: int) -> str:
     return f"step-{step}"
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+class _Crc32Stream:
+    """A file being written whose CRC-32 and size follow every write (DCP writes its files front to back).
+
+    A large write's CRC runs on a helper thread while this one copies the same bytes into the file (both
+    release the GIL), so the checksum costs little beyond the write itself; the write returns only when
+    both are done, because the bytes may belong to a buffer the caller reuses.
+    """
+
+    PARALLEL_BYTES = 1 << 20
+
+    def __init__(self, stream: io.IOBase, pool: ThreadPoolExecutor):
+        self.stream, self.pool, self.crc, self.size = stream, pool, 0, 0
+
+    def write(self, data) -> int:
+        view = memoryview(data)
+        if view.nbytes < self.PARALLEL_BYTES:
+            self.crc = zlib.crc32(view, self.crc)
+            written = self.stream.write(data)
+        else:
+            crc = self.pool.submit(zlib.crc32, view, self.crc)
+            written = self.stream.write(data)
+            self.crc = crc.result()
+        self.size += view.nbytes
+        return written
+
+    def seek(self, *args) -> int:  # a seek back would make the running CRC wrong: refuse rather than mislead
+        raise io.UnsupportedOperation("checksummed checkpoint files are written sequentially")
+
+    def __getattr__(self, name: str):
+        return getattr(self.stream, name)
 
 
-def seal(path: Path, step: int, world_size: int) -> None:
-    """Write COMPLETE: every file of the checkpoint with its size, so that a lost or cut file shows."""
-    files = {p.name: p.stat().st_size for p in sorted(path.iterdir()) if p.is_file()}
-    _write_atomically(path / COMPLETE, json.dumps({"step": step, "world_size": world_size, "files": files},
-                                                  indent=1))
+class _Crc32FileSystem(FileSystem):
+    """DCP's local file system, recording each written file's size and CRC-32 by name."""
+
+    def __init__(self):
+        super().__init__()
+        self.written: dict[str, dict] = {}
+
+    @contextmanager
+    def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
+        with super().create_stream(path, mode) as stream:
+            if "w" not in mode:
+                yield stream
+                return
+            with ThreadPoolExecutor(1, thread_name_prefix="crc32") as pool:
+                tracked = _Crc32Stream(stream, pool)
+                yield tracked
+        self.written[Path(path).name] = {"bytes": tracked.size, "crc32": f"{tracked.crc:08x}"}
+
+    def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
+        super().rename(path, new_path)
+        if Path(path).name in self.written:
+            self.written[Path(new_path).name] = self.written.pop(Path(path).name)
 
 
-def verify(path: Path) -> None:
-    """CheckpointError naming the first file that is missing or has the wrong size."""
+class _Crc32Writer(FileSystemWriter):
+    def __init__(self, path: Path):
+        super().__init__(path)
+        self.fs = _Crc32FileSystem()
+
+
+def file_record(path: Path) -> dict:
+    return {"bytes": path.stat().st_size, "crc32": file_crc32(path)}
+
+
+def seal(path: Path, step: int, world_size: int, files: dict[str, dict] | None = None) -> None:
+    """Write COMPLETE: every file of the checkpoint with its size and CRC-32 (computed here where not given)."""
+    files = dict(files or {})
+    for p in sorted(path.iterdir()):
+        if p.is_file() and p.name not in files and p.name != COMPLETE:
+            files[p.name] = file_record(p)
+    write_atomically(path / COMPLETE, json.dumps({"step": step, "world_size": world_size, "files": files}, indent=1))
+
+
+def read_complete(path: Path) -> dict:
+    """COMPLETE of the checkpoint at `path`; CheckpointError naming it when it is missing or unreadable."""
     manifest = path / COMPLETE
     if not manifest.is_file():
         raise CheckpointError(f"checkpoint {path}: incomplete (no {COMPLETE} file)")
-    for name, size in json.loads(manifest.read_text())["files"].items():
+    try:
+        complete = json.loads(manifest.read_text())
+        files = complete["files"]
+        if not isinstance(files, dict) or not isinstance(complete["world_size"], int):
+            raise ValueError("unexpected structure")
+    except (ValueError, TypeError, KeyError, OSError) as e:
+        raise CheckpointError(f"checkpoint {path}: {COMPLETE} is unreadable ({type(e).__name__}: {e})") from None
+    return complete
+
+
+def verify(path: Path, rank: int = 0, world_size: int = 1) -> None:
+    """CheckpointError naming the first file that is missing, of another size or (for this rank's share of the
+    files, every world_size-th one) of another CRC-32."""
+    for i, (name, expected) in enumerate(sorted(read_complete(path)["files"].items())):
         file = path / name
-        if not file.is_file():
+        if "/" in name or not file.is_file():
             raise CheckpointError(f"checkpoint {path}: file {file} is missing")
-        if file.stat().st_size != size:
-            raise CheckpointError(f"checkpoint {path}: file {file} is {file.stat().st_size} bytes, expected {size}")
+        # Checkpoints written before checksums list sizes only.
+        expected = expected if isinstance(expected, dict) else {"bytes": expected}
+        if file.stat().st_size != expected.get("bytes"):
+            raise CheckpointError(f"checkpoint {path}: file {file} is {file.stat().st_size} bytes, "
+                                  f"expected {expected.get('bytes')}")
+        if "crc32" in expected and i % world_size == rank and file_crc32(file) != expected["crc32"]:
+            raise CheckpointError(f"checkpoint {path}: file {file} is corrupt (its CRC-32 is not the one "
+                                  f"recorded when it was written)")
 
 
 def complete_checkpoints(checkpoint_root: Path) -> list[Path]:
     """Finished checkpoint directories (renamed from .tmp), newest first; not yet verified."""
     if not checkpoint_root.is_dir():
         return []
-    found = [p for p in checkpoint_root.glob("step-*") if p.is_dir() and p.name[5:].isdigit()]
+    found = [p for p in checkpoint_root.glob("step-*") if p.is_dir() and not p.is_symlink() and p.name[5:].isdigit()]
     return sorted(found, key=lambda p: int(p.name[5:]), reverse=True)
 
 
@@ -94,6 +182,10 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
+def _distributed() -> bool:
+    return dist.is_initialized() and dist.get_world_size() > 1
+
+
 class Checkpointer:
     """Saves and restores model, optimizer, scheduler and the trainer's own state on every rank."""
 
@@ -104,7 +196,9 @@ class Checkpointer:
         self.rank = rank
         self.world_size = world_size
         self.resumed_from: Path | None = None
-        self.pending: tuple[int, Future] | None = None  # an async save not yet finalised
+        self.verified: Path | None = None  # checked by verify_everywhere, so load need not read it twice
+        self.pending: tuple[int, Future, _Crc32Writer] | None = None  # an async save not yet finalised
+        self._async_group: dist.ProcessGroup | None = None
 
     def _state(self, model, optimizer, scheduler, train_state: dict) -> dict:
         return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
@@ -121,11 +215,17 @@ class Checkpointer:
         dist.barrier()
         torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
         state = self._state(model, optimizer, scheduler, train_state)
+        writer = _Crc32Writer(tmp)
         if self.cfg.async_save:
-            self.pending = (step, dcp.async_save(state, checkpoint_id=tmp))
+            # The background save runs collectives while training runs its own: on the same group the
+            # two interleave (a size mismatch, a hang, or silently mixed data). It gets a group of its own.
+            if self._async_group is None:
+                self._async_group = dist.new_group(backend="gloo")
+            future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
+            self.pending = (step, future, writer)
         else:
-            dcp.save(state, checkpoint_id=tmp)
-            self._finalise(step)
+            dcp.save(state, storage_writer=writer)
+            self._finalise(step, writer)
 
     def poll(self) -> None:
         """Finalise a background save once every rank's write has finished (one tiny all-reduce)."""
@@ -139,22 +239,22 @@ class Checkpointer:
     def wait(self) -> None:
         """Block until a background save is written and finalised."""
         if self.pending is not None:
-            step, future = self.pending
+            step, future, writer = self.pending
             future.result()
             self.pending = None
-            self._finalise(step)
+            self._finalise(step, writer)
 
-    def _finalise(self, step: int) -> None:
-        dist.barrier()  # every rank's shards are on disk
+    def _finalise(self, step: int, writer: _Crc32Writer) -> None:
+        tmp = self.root / f".{step_dir_name(step)}.tmp"
+        rng = tmp / f"rng-rank{self.rank}.pt"
+        files = {**writer.fs.written, rng.name: file_record(rng)}
+        gathered = [None] * self.world_size if self.rank == 0 else None
+        dist.gather_object(files, gathered, dst=0)  # also: every rank's shards are on disk
         if self.rank == 0:
-            tmp = self.root / f".{step_dir_name(step)}.tmp"
             shutil.copyfile(self.run_dir / "config.toml", tmp / "config.toml")
-            seal(tmp, step, self.world_size)
-            final = self.root / step_dir_name(step)
-            if final.exists():  # a re-run of the same step after a restart
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            _write_atomically(self.root / LATEST, final.name)
+            seal(tmp, step, self.world_size, {name: record for part in gathered for name, record in part.items()})
+            swap_in(tmp, self.root / step_dir_name(step))  # a re-run of the same step after a restart replaces it
+            write_atomically(self.root / LATEST, step_dir_name(step))
             self._prune()
         dist.barrier()
 
@@ -163,6 +263,22 @@ class Checkpointer:
             if path != self.resumed_from:  # never the one this run started from
                 shutil.rmtree(path)
 
+    def verify_everywhere(self, path: Path) -> str | None:
+        """Why the checkpoint at `path` cannot be used, or None; each rank reads its share of the files and
+        every rank gets the same answer."""
+        try:
+            verify(path, self.rank, self.world_size)
+            problem = None
+        except CheckpointError as e:
+            problem = str(e)
+        if _distributed():
+            problems = [None] * self.world_size
+            dist.all_gather_object(problems, problem)
+            problem = next((p for p in problems if p is not None), None)
+        if problem is None:
+            self.verified = path
+        return problem
+
     def find_resumable(self) -> Path | None:
         """The newest checkpoint that verifies; with resume = "auto", older ones after a corrupt newest."""
         newest = latest_checkpoint(self.root)
@@ -170,19 +286,21 @@ class Checkpointer:
         if newest is not None and newest not in candidates:
             candidates.insert(0, newest)
         for path in candidates:
-            try:
-                verify(path)
+            problem = self.verify_everywhere(path)
+            if problem is None:
                 return path
-            except CheckpointError as e:
-                if self.cfg.resume != "auto":
-                    raise
-                if self.rank == 0:
-                    print(f"{e}; falling back to an older checkpoint", flush=True)
+            if self.cfg.resume != "auto":
+                raise CheckpointError(problem)
+            if self.rank == 0:
+                print(f"{problem}; falling back to an older checkpoint", flush=True)
         return None
 
     def load(self, path: Path, model, optimizer, scheduler) -> dict:
         """Restore everything saved at `path` (any world size or EP degree); returns the train state."""
-        verify(path)
+        if self.verified != path:
+            problem = self.verify_everywhere(path)
+            if problem is not None:
+                raise CheckpointError(problem)
         state = self._state(model, optimizer, scheduler, {})
         state["train"] = {"step": 0, "tokens": 0, "data": {"epoch": 0, "position": 0}}
         dcp.load(state, checkpoint_id=path)
@@ -190,8 +308,7 @@ class Checkpointer:
         set_optimizer_state_dict(model, optimizer, state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         rng = path / f"rng-rank{self.rank}.pt"
-        saved_world = json.loads((path / COMPLETE).read_text())["world_size"]
-        if saved_world == self.world_size and rng.is_file():  # resharded runs keep their fresh seeds
+        if read_complete(path)["world_size"] == self.world_size and rng.is_file():  # resharded runs keep fresh seeds
             _set_rng_state(torch.load(rng, weights_only=False))
         self.resumed_from = path
         return state["train"]

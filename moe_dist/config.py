@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import math
 import sys
 import typing
 from dataclasses import dataclass, field
@@ -21,42 +22,47 @@ class ConfigError(ValueError):
     """A bad config value; its message is one line naming the key and what is allowed."""
 
 
+def num(default: int | float, interval: str) -> object:
+    """A numeric field and its allowed values, as an interval: "[1, inf)", "(0, 1]", "[0, 1)"."""
+    return field(default=default, metadata={"interval": interval})
+
+
 @dataclass
 class ModelConfig:
-    vocab_size: int = 4096
-    dim: int = 128
-    n_layers: int = 4
-    n_heads: int = 4
-    n_kv_heads: int = 2
-    ffn_hidden: int = 384  # dense SwiGLU hidden size
-    max_seq_len: int = 128
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
-    init_std: float = 0.02
+    vocab_size: int = num(4096, "[1, inf)")
+    dim: int = num(128, "[1, inf)")
+    n_layers: int = num(4, "[1, inf)")
+    n_heads: int = num(4, "[1, inf)")
+    n_kv_heads: int = num(2, "[1, inf)")
+    ffn_hidden: int = num(384, "[1, inf)")  # dense SwiGLU hidden size
+    max_seq_len: int = num(128, "[1, inf)")
+    rope_theta: float = num(10000.0, "(0, inf)")
+    norm_eps: float = num(1e-5, "(0, inf)")
+    init_std: float = num(0.02, "(0, inf)")
 
 
 @dataclass
 class MoEConfig:
-    num_experts: int = 8
-    top_k: int = 2
-    expert_hidden: int = 192
+    num_experts: int = num(8, "[0, inf)")
+    top_k: int = num(2, "[1, inf)")
+    expert_hidden: int = num(192, "[1, inf)")
     score_func: str = "softmax"  # softmax | sigmoid
     renormalize: bool = True  # renormalise the k combine weights to sum to 1
-    every_n_layers: int = 1  # MoE in every n-th layer after the first `first_k_dense` ...
-    first_k_dense: int = 0  # ... dense layers; num_experts = 0 makes every layer dense
-    aux_loss_coef: float = 0.01  # Switch/GShard load-balancing loss
-    z_loss_coef: float = 0.001
+    every_n_layers: int = num(1, "[1, inf)")  # MoE in every n-th layer after the first `first_k_dense` ...
+    first_k_dense: int = num(0, "[0, inf)")  # ... dense layers; num_experts = 0 makes every layer dense
+    aux_loss_coef: float = num(0.01, "[0, inf)")  # Switch/GShard load-balancing loss
+    z_loss_coef: float = num(0.001, "[0, inf)")
     aux_free_bias: bool = False  # auxiliary-loss-free balancing (per-expert selection bias)
-    bias_update_rate: float = 0.001
-    capacity_factor: float = 0.0  # 0 = dropless; else tokens per expert per sequence are capped
-    shared_expert_hidden: int = 0  # 0 = no shared expert
+    bias_update_rate: float = num(0.001, "[0, inf)")
+    capacity_factor: float = num(0.0, "[0, inf)")  # 0 = dropless; else tokens per expert per sequence are capped
+    shared_expert_hidden: int = num(0, "[0, inf)")  # 0 = no shared expert
     grouped_mm_backend: str = "auto"  # auto | grouped_mm | padded | loop
 
 
 @dataclass
 class ParallelConfig:
-    ep: int = 1  # expert-parallel degree; 0 = auto: gcd(world size, num_experts)
-    dp_shard: int = -1  # -1 = world // ep
+    ep: int = num(1, "[0, inf)")  # expert-parallel degree; 0 = auto: gcd(world size, num_experts)
+    dp_shard: int = num(-1, "[-1, inf)")  # -1 = world // ep
     activation_checkpoint: bool = False
     compile: bool = False
     param_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16
@@ -66,50 +72,52 @@ class ParallelConfig:
 @dataclass
 class DataConfig:
     path: str = ""  # directory written by moe_dist.data.prep; "" = the built-in default corpus
-    seq_len: int = 128
-    micro_batch: int = 4  # sequences per rank per micro-step
-    val_fraction: float = 0.02
+    seq_len: int = num(128, "[1, inf)")
+    micro_batch: int = num(4, "[1, inf)")  # sequences per rank per micro-step
+    val_fraction: float = num(0.02, "[0, 1)")
     text_field: str = "text"
-    seed: int = 1234
+    seed: int = num(1234, "[0, inf)")
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 10
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    eps: float = 1e-8
-    grad_clip: float = 1.0  # 0 = off
+    lr: float = num(3e-3, "(0, inf)")
+    min_lr_ratio: float = num(0.1, "[0, 1]")
+    warmup_steps: int = num(10, "[0, inf)")
+    weight_decay: float = num(0.1, "[0, inf)")
+    beta1: float = num(0.9, "[0, 1)")
+    beta2: float = num(0.95, "[0, 1)")
+    eps: float = num(1e-8, "(0, inf)")
+    grad_clip: float = num(1.0, "[0, inf)")  # 0 = off
 
 
 @dataclass
 class TrainConfig:
-    name: str = "tiny"
-    steps: int = 100  # the schedule's length
-    stop_after: int = 0  # stop (checkpointed) at this step, e.g. to fit a job's time limit; 0 = at train.steps
-    grad_accum: int = 1
-    seed: int = 0
-    eval_interval: int = 50  # 0 = only at the end
-    eval_steps: int = 4
+    name: str = "tiny"  # the run dir is metrics.runs_dir / name: a plain name, not a path
+    steps: int = num(100, "[1, inf)")  # the schedule's length
+    # stop (checkpointed) at this step, e.g. to fit a job's time limit; 0 = at train.steps
+    stop_after: int = num(0, "[0, inf)")
+    grad_accum: int = num(1, "[1, inf)")
+    seed: int = num(0, "[0, inf)")
+    eval_interval: int = num(50, "[0, inf)")  # 0 = only at the end
+    eval_steps: int = num(4, "[1, inf)")
     device: str = "auto"  # auto | cpu | cuda
-    max_nonfinite_steps: int = 5  # a non-finite loss or gradient skips the step; this many in a row stop the run
+    # a non-finite loss or gradient skips the step; this many in a row stop the run
+    max_nonfinite_steps: int = num(5, "[1, inf)")
 
 
 @dataclass
 class CheckpointConfig:
-    interval: int = 0  # 0 = only at the end
-    keep_last: int = 2
+    interval: int = num(0, "[0, inf)")  # 0 = only at the end
+    keep_last: int = num(2, "[1, inf)")
     resume: str = ""  # "" | auto (newest checkpoint that verifies, falling back to older ones)
     async_save: bool = False
 
 
 @dataclass
 class MetricsConfig:
-    log_interval: int = 10
-    runs_dir: str = "runs"
+    log_interval: int = num(10, "[1, inf)")
+    runs_dir: str = "runs"  # where run dirs live (any path)
     tensorboard: bool = False  # also write runs/<name>/tensorboard (needs the tensorboard package)
 
 
@@ -254,44 +262,70 @@ def _check(ok: bool, message: str) -> None:
         raise ConfigError(f"config: {message}")
 
 
+INT64_MAX = 2**63 - 1  # what TOML, torch and numpy can all hold
+# Characters a run name may not hold: it names one directory under metrics.runs_dir.
+NAME_FORBIDDEN = frozenset("/\\\0") | {chr(c) for c in range(32)}
+
+
+def _interval_phrase(interval: str) -> tuple[float, float, bool, bool, str]:
+    """"[1, inf)" -> (1, inf, lower closed, upper closed, ">= 1")."""
+    lo_text, hi_text = (part.strip() for part in interval[1:-1].split(","))
+    lo, hi = float(lo_text), float(hi_text)
+    lo_closed, hi_closed = interval[0] == "[", interval[-1] == "]"
+    if hi == float("inf"):
+        phrase = f"{'>=' if lo_closed else '>'} {lo_text}"
+    else:
+        phrase = f"in {interval}"
+    return lo, hi, lo_closed, hi_closed, phrase
+
+
+def _check_numbers(cfg: Config) -> None:
+    """Every numeric field within its declared interval, finite, and within 64 bits."""
+    for section in dataclasses.fields(cfg):
+        values = getattr(cfg, section.name)
+        for f in dataclasses.fields(values):
+            if "interval" not in f.metadata:
+                continue
+            key, value = f"{section.name}.{f.name}", getattr(values, f.name)
+            lo, hi, lo_closed, hi_closed, phrase = _interval_phrase(f.metadata["interval"])
+            _check(math.isfinite(value), f"{key} = {value} must be finite and {phrase}")
+            _check(abs(value) <= INT64_MAX, f"{key} = {value} must be at most {INT64_MAX:,} in size")
+            inside = (lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)
+            _check(inside, f"{key} = {value} must be {phrase}")
+
+
+def _check_run_name(name: str) -> None:
+    _check(name != "" and not NAME_FORBIDDEN & set(name) and name[0] not in ".-_",
+           f"train.name = {name!r} must be a plain name: not empty, no path separators or control characters, "
+           f"not starting with '.', '-' or '_' (to put runs elsewhere, set metrics.runs_dir)")
+
+
 def validate(cfg: Config) -> None:
-    """Reject impossible combinations with one line naming the key."""
+    """Reject bad values and impossible combinations with one line naming the key."""
     for key, allowed in CHOICES.items():
         section, name = key.split(".")
         value = getattr(getattr(cfg, section), name)
         _check(value in allowed, f"{key} = {value!r} is not one of {', '.join(map(repr, allowed))}")
+    _check_numbers(cfg)
+    _check_run_name(cfg.train.name)
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
-    for key in ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
-                "model.ffn_hidden", "model.max_seq_len", "data.seq_len", "data.micro_batch",
-                "train.steps", "train.grad_accum", "train.max_nonfinite_steps", "metrics.log_interval"):
-        section, name = key.split(".")
-        value = getattr(getattr(cfg, section), name)
-        _check(value >= 1, f"{key} = {value} must be >= 1")
     _check(m.dim % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim}")
     _check((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (rotary)")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
     _check(cfg.data.seq_len <= m.max_seq_len,
            f"data.seq_len = {cfg.data.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
-    _check(moe.num_experts >= 0, f"moe.num_experts = {moe.num_experts} must be >= 0")
     if moe.num_experts > 0:
-        _check(1 <= moe.top_k <= moe.num_experts,
+        _check(moe.top_k <= moe.num_experts,
                f"moe.top_k = {moe.top_k} must be between 1 and moe.num_experts = {moe.num_experts}")
-        _check(moe.expert_hidden >= 1, f"moe.expert_hidden = {moe.expert_hidden} must be >= 1")
-        _check(moe.every_n_layers >= 1, f"moe.every_n_layers = {moe.every_n_layers} must be >= 1")
-        _check(0 <= moe.first_k_dense <= m.n_layers,
+        _check(moe.first_k_dense <= m.n_layers,
                f"moe.first_k_dense = {moe.first_k_dense} must be between 0 and model.n_layers = {m.n_layers}")
-        _check(p.ep >= 0, f"parallel.ep = {p.ep} must be >= 1, or 0 for auto")
         _check(p.ep == 0 or moe.num_experts % p.ep == 0,
                f"parallel.ep = {p.ep} must divide moe.num_experts = {moe.num_experts}")
     else:
         _check(p.ep in (0, 1), f"parallel.ep = {p.ep} needs moe.num_experts > 0")
-    _check(moe.capacity_factor >= 0, f"moe.capacity_factor = {moe.capacity_factor} must be >= 0 (0 = dropless)")
-    _check(moe.shared_expert_hidden >= 0, f"moe.shared_expert_hidden = {moe.shared_expert_hidden} must be >= 0")
-    _check(p.dp_shard == -1 or p.dp_shard >= 1, f"parallel.dp_shard = {p.dp_shard} must be -1 (the rest) or >= 1")
-    _check(0.0 <= cfg.data.val_fraction < 1.0, f"data.val_fraction = {cfg.data.val_fraction} must be in [0, 1)")
-    _check(cfg.optim.lr > 0, f"optim.lr = {cfg.optim.lr} must be > 0")
-    _check(cfg.checkpoint.keep_last >= 1, f"checkpoint.keep_last = {cfg.checkpoint.keep_last} must be >= 1")
+    _check(p.dp_shard != 0, f"parallel.dp_shard = {p.dp_shard} must be -1 (the rest) or >= 1")
+    _check(cfg.data.text_field != "", "data.text_field must not be empty")
     _check(not cfg.metrics.tensorboard or importlib.util.find_spec("tensorboard") is not None,
            "metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)")
 

@@ -6,8 +6,8 @@ checkpoint step-<N> dir (torch.distributed.checkpoint) or an export dir (model.s
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import shutil
 import sys
 import warnings
@@ -20,9 +20,11 @@ from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
 
 from moe_dist.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, verify
+from moe_dist.cli import OneLineParser, error_line
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
 from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
+from moe_dist.files import default_file_mode, staging_dir, swap_in, unwritable_reason
 from moe_dist.model import Transformer
 from moe_dist.model.transformer import is_moe_layer
 
@@ -69,7 +71,10 @@ def _beside(checkpoint: Path, name: str) -> Path | None:
 
 def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | None]:
     """(model in eval mode on CPU, its config, its tokenizer.json or None) from a run, checkpoint or export dir."""
-    checkpoint = resolve_checkpoint(path)
+    return _load_verified(resolve_checkpoint(path))
+
+
+def _load_verified(checkpoint: Path) -> tuple[Transformer, Config, Path | None]:
     config_path = _beside(checkpoint, CONFIG)
     if config_path is None:
         hint = " (a --format hf export is for transformers)" if (checkpoint / "config.json").is_file() else ""
@@ -159,15 +164,31 @@ def hf_config(cfg: Config, dtype: str, eos: int | None) -> dict:
     }
 
 
-def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = "float32") -> Path:
-    """Write the checkpoint at `path` to `out` as model.safetensors + config + tokenizer; returns `out`."""
-    model, cfg, tokenizer_path = load_for_inference(path)
-    if fmt == "hf":
-        reason = hf_blocker(cfg, model)
-        if reason is not None:
-            raise ExportError(f"export: --format hf needs a Mixtral-shaped model, but {reason}")
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+def _source_root(checkpoint: Path) -> Path:
+    """The directory an export reads from: the run dir above checkpoints/step-<N>, else the checkpoint dir."""
+    return checkpoint.parent.parent if checkpoint.parent.name == "checkpoints" else checkpoint
+
+
+def check_out_dir(out: Path, checkpoint: Path) -> Path:
+    """ExportError unless `out` is a new or empty directory outside what is being exported."""
+    out = out.resolve()
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export: --out {out} is an existing file; give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"export: --out {out} is not empty; give a new or empty directory (nothing is overwritten)")
+    source = _source_root(checkpoint).resolve()
+    checkpoints = source / "checkpoints"  # the trainer prunes and replaces what is in there
+    if out == source or out in source.parents or out == checkpoints or checkpoints in out.parents:
+        raise ExportError(f"export: --out {out} would be written over {source}, which it exports from; "
+                          f"give a directory outside it")
+    reason = unwritable_reason(out)
+    if reason is not None:
+        raise ExportError(f"export: --out {out}: {reason}")
+    return out
+
+
+def _write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, fmt: str,
+                  dtype: str) -> None:
     if fmt == "hf":
         eos = eos_id(load_tokenizer(tokenizer_path), tokenizer_path) if tokenizer_path else None
         save_file(hf_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
@@ -180,25 +201,46 @@ def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
     else:
         save_file(consolidated_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
         (out / CONFIG).write_text(to_toml(cfg))
+    os.chmod(out / WEIGHTS, default_file_mode())  # safetensors writes 0600; an export is for sharing
     if tokenizer_path:
         shutil.copyfile(tokenizer_path, out / TOKENIZER)
-    else:
+
+
+def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = "float32") -> Path:
+    """Write the checkpoint at `path` to `out` as model.safetensors + config + tokenizer; returns `out`.
+
+    Everything is checked first; the export is built beside `out` and renamed into place when complete.
+    """
+    checkpoint = resolve_checkpoint(path)
+    out = check_out_dir(Path(out), checkpoint)
+    model, cfg, tokenizer_path = _load_verified(checkpoint)
+    if fmt == "hf":
+        reason = hf_blocker(cfg, model)
+        if reason is not None:
+            raise ExportError(f"export: --format hf needs a Mixtral-shaped model, but {reason}")
+    staging = staging_dir(out, "export")
+    try:
+        _write_export(model, cfg, tokenizer_path, staging, fmt, dtype)
+        swap_in(staging, out)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    if not tokenizer_path:
         print(f"export: no {TOKENIZER} found beside {path}; exported without one", file=sys.stderr)
     return out
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_dist.export", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m moe_dist.export", description=__doc__.splitlines()[0])
     parser.add_argument("checkpoint", help="run dir (its latest checkpoint), checkpoints/step-<N> dir or export dir")
-    parser.add_argument("--out", required=True, help="output directory")
+    parser.add_argument("--out", required=True, help="output directory: new or empty")
     parser.add_argument("--format", default="native", choices=("native", "hf"),
                         help="native: for moe_dist.generate; hf: a transformers MixtralForCausalLM directory")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.format, args.dtype)
-    except (ExportError, ConfigError, DataError) as e:
-        print(e, file=sys.stderr)
+    except (ExportError, ConfigError, DataError, OSError) as e:
+        print(error_line("export", e), file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} to {out} ({args.format}, {args.dtype})")
     return 0

@@ -2,18 +2,24 @@
 
 from __future__ import annotations
 
-import argparse
+import math
 import sys
 import time
 
 import torch
 from torch import Tensor
 
+from moe_dist.cli import OneLineParser, error_line
 from moe_dist.config import ConfigError
 from moe_dist.data import DataError
 from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
 from moe_dist.export import ExportError, load_for_inference
 from moe_dist.model.transformer import KVCache, Transformer
+
+
+# Below this, logits / temperature can overflow float32 (a denormal temperature makes every logit infinite),
+# and sampling is greedy in all but name anyway.
+MIN_TEMPERATURE = 1e-6
 
 
 def sample_next(logits: Tensor, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
@@ -63,7 +69,7 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, temperatur
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_dist.generate", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m moe_dist.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir (its latest checkpoint), checkpoints/step-<N> dir or export dir")
     parser.add_argument("--prompt", default="")
@@ -75,8 +81,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-kv-cache", action="store_true", help="recompute the whole sequence every step")
     parser.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     args = parser.parse_args(argv)
-    if args.temperature < 0 or args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
-        parser.error("needs --temperature >= 0, --top-k >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0")
+    if not (args.temperature == 0 or MIN_TEMPERATURE <= args.temperature < math.inf):
+        parser.error(f"--temperature {args.temperature} must be 0 (greedy) or a finite value >= {MIN_TEMPERATURE}")
+    if args.top_k < 0 or not 0 < args.top_p <= 1 or args.max_new_tokens < 0:
+        parser.error(f"needs --top-k >= 0, 0 < --top-p <= 1 and --max-new-tokens >= 0 (got {args.top_k}, "
+                     f"{args.top_p}, {args.max_new_tokens})")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
     device = torch.device(args.device)
@@ -86,8 +95,8 @@ def main(argv: list[str] | None = None) -> int:
             raise ExportError(f"checkpoint {args.checkpoint}: no tokenizer.json in it or in its run dir")
         tokenizer = load_tokenizer(tokenizer_path)
         eos = eos_id(tokenizer, tokenizer_path)
-    except (ExportError, ConfigError, DataError) as e:
-        print(e, file=sys.stderr)
+    except (ExportError, ConfigError, DataError, OSError) as e:
+        print(error_line("generate", e), file=sys.stderr)
         return 2
     # Documents start after EOS_TOKEN in training, so the prompt does too.
     prompt_ids = [eos] + tokenizer.encode(args.prompt).ids

@@ -6,10 +6,11 @@ default). Needs matplotlib: pip install -e '.[plot]'.
 
 from __future__ import annotations
 
-import argparse
 import json
 import sys
 from pathlib import Path
+
+from moe_dist.cli import OneLineParser, error_line
 
 
 class PlotError(RuntimeError):
@@ -89,14 +90,14 @@ def plot_run(run_dir: Path, out_dir: Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m moe_dist.plot", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m moe_dist.plot", description=__doc__.splitlines()[0])
     parser.add_argument("run_dir", type=Path, help="runs/<name>")
     parser.add_argument("--out", type=Path, help="where the PNGs go (default: <run_dir>/plots)")
     args = parser.parse_args(argv)
     try:
         written = plot_run(args.run_dir, args.out or args.run_dir / "plots")
-    except PlotError as e:
-        print(e, file=sys.stderr)
+    except (PlotError, OSError) as e:
+        print(error_line("plot", e), file=sys.stderr)
         return 2
     for path in written:
         print(path)

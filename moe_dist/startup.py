@@ -1,12 +1,17 @@
 """Everything before a run's first step: the data, the run dir, the checkpoint to resume from.
 
-All of it is checked, on every rank, before anything is written, so that bad input stops the run
-with one line and leaves earlier runs, checkpoints and data as they were.
+All of it is checked before anything is written: once by the launchers in one process (`--preflight`,
+before torchrun starts the ranks), and again on every rank. Bad input stops the run with one line and
+leaves earlier runs, checkpoints and data as they were. A run dir is ours when it holds RUN_MARKER;
+`--overwrite` removes only the entries a run writes (RUN_FILES), never through a symbolic link.
 """
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
@@ -16,37 +21,74 @@ from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
 from moe_dist.data.loader import check_compatible
-from moe_dist.data.prep import read_manifest
+from moe_dist.data.manifest import read_manifest
 from moe_dist.data.tokenizer import file_hash
-from moe_dist.parallel.mesh import Runtime
+from moe_dist.files import unwritable_reason
 
 
 class RunError(RuntimeError):
     """A run that must not start or go on; the message is one line naming the path or value."""
 
 
-RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "checkpoints", "tensorboard")
+RUN_MARKER = "moe_dist-run.json"
+RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "checkpoints", "tensorboard", "plots")
 # What fixes the parameters' shapes: a checkpoint only loads into a model with the same values.
 SHAPE_KEYS = ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_hidden", "moe.num_experts", "moe.expert_hidden", "moe.shared_expert_hidden",
               "moe.first_k_dense", "moe.every_n_layers")
 
 
+@dataclass
+class RunStart:
+    run_dir: Path
+    data_dir: Path
+    checkpointer: Checkpointer
+    checkpoint: Path | None  # the verified checkpoint to resume from; None: start fresh
+
+
+def run_entries(run_dir: Path) -> list[Path]:
+    """The entries of RUN_FILES that exist in run_dir (a dangling link counts)."""
+    return [run_dir / name for name in RUN_FILES if os.path.lexists(run_dir / name)]
+
+
+def _check_removable(run_dir: Path) -> None:
+    """RunError before anything is deleted if --overwrite could not remove every run entry inside run_dir."""
+    for entry in run_entries(run_dir):
+        if entry.is_symlink():
+            raise RunError(f"train: --overwrite: {entry} is a symbolic link; moe_dist removes only what it wrote "
+                           f"inside the run dir, never through a link: move or remove it yourself")
+        for root, _, _ in os.walk(entry) if entry.is_dir() else []:
+            if not os.access(root, os.W_OK | os.X_OK):
+                raise RunError(f"train: --overwrite: cannot remove the files in {root} (no write permission); "
+                               f"nothing was removed")
+
+
 def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
-    """RunError when run_dir already holds a run that this one would overwrite without being asked to."""
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
+    """RunError when this run must not write to run_dir: not ours, would be overwritten unasked, not writable."""
+    if os.path.lexists(run_dir) and not run_dir.is_dir():
+        raise RunError(f"train: {run_dir} exists and is not a directory; choose another --train.name")
+    found = [p.name for p in run_entries(run_dir)]
+    if found and not (run_dir / RUN_MARKER).is_file():
+        raise RunError(f"train: {run_dir} holds {', '.join(found)} but no {RUN_MARKER}, so it is not a moe_dist run "
+                       f"dir and nothing in it is touched; choose another --train.name (a run of an older moe_dist: "
+                       f"create {RUN_MARKER} there to adopt it)")
     if found and not resuming and not overwrite:
         raise RunError(f"train: {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                        f"--overwrite to replace it, or choose another --train.name")
+    if overwrite:
+        _check_removable(run_dir)
+    for path in (run_dir, run_dir / "checkpoints"):
+        reason = unwritable_reason(path)
+        if reason is not None:
+            raise RunError(f"train: cannot write the run dir {run_dir}: {reason}")
 
 
 def clear_run_dir(run_dir: Path) -> None:
-    """--overwrite: remove an earlier run's files (only the ones a run writes)."""
-    for name in RUN_FILES:
-        path = run_dir / name
-        if path.is_dir():
+    """--overwrite: remove an earlier run's entries (only RUN_FILES; checked by _check_removable first)."""
+    for path in run_entries(run_dir):
+        if path.is_dir() and not path.is_symlink():
             shutil.rmtree(path)
-        elif path.exists():
+        else:
             path.unlink()
 
 
@@ -76,44 +118,66 @@ def check_run_tokenizer(run_dir: Path, data_dir: Path) -> None:
                         f"which this run was trained with")
 
 
-def prepare_data(cfg: Config) -> Path:
-    """The configured data dir, or the default corpus (built once, by whichever rank gets its lock first)."""
+def prepare_data(cfg: Config, world_size: int) -> Path:
+    """The configured data dir, or the default corpus (built once, by whoever gets its lock first), checked
+    against the model and the global batch."""
     if cfg.data.path:
         data_dir = Path(cfg.data.path)
     else:
         data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size)
-    check_compatible(data_dir, cfg.model.vocab_size)
+    check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size)
     return data_dir
 
 
-def find_checkpoint(checkpointer: Checkpointer, cfg: Config) -> Path | None:
-    """The checkpoint to resume from (checked against this config), or None to start fresh."""
+def find_checkpoint(checkpointer: Checkpointer, cfg: Config, announce: bool) -> Path | None:
+    """The checkpoint to resume from (verified, checked against this config), or None to start fresh."""
     path = checkpointer.find_resumable()
     if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
         raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
     if path is not None:
         check_checkpoint_compatible(path, cfg)
-    if checkpointer.rank == 0:
+    if announce:
         print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
     return path
 
 
-def start_run(cfg: Config, runtime: Runtime, resume: bool, overwrite: bool) -> tuple[Path, Path, Path | None]:
-    """Check everything before writing anything: (run dir, data dir, checkpoint to resume from or None)."""
+def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: bool,
+              announce: bool = False) -> RunStart:
+    """Everything a run needs, checked without writing (but the default corpus's cache, built on first use)."""
     run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
-    data_dir = prepare_data(cfg)
+    data_dir = prepare_data(cfg, world_size)
     resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
     check_run_dir(run_dir, resuming, overwrite)
+    checkpointer = Checkpointer(run_dir, cfg.checkpoint, rank, world_size)
     checkpoint = None
     if resuming:
         check_run_tokenizer(run_dir, data_dir)
-        checkpoint = find_checkpoint(Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size), cfg)
+        checkpoint = find_checkpoint(checkpointer, cfg, announce)
+    return RunStart(run_dir, data_dir, checkpointer, checkpoint)
+
+
+def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
+    run_dir = start.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / RUN_MARKER).write_text(json.dumps({"moe_dist_run": 1, "writes": RUN_FILES}) + "\n")
+    if overwrite:
+        clear_run_dir(run_dir)
+    (run_dir / "config.toml").write_text(to_toml(cfg))
+    # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
+    shutil.copyfile(start.data_dir / read_manifest(start.data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
+
+
+def start_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: bool) -> RunStart:
+    """Check everything on every rank, then (rank 0) write the run dir's first files."""
+    start = check_run(cfg, rank, world_size, resume, overwrite, announce=rank == 0)
     dist.barrier()  # every rank has checked the run dir before rank 0 writes to it
-    if runtime.rank == 0:
-        if overwrite:
-            clear_run_dir(run_dir)
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "config.toml").write_text(to_toml(cfg))
-        # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
-        shutil.copyfile(data_dir / read_manifest(data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
-    return run_dir, data_dir, checkpoint
+    problem = [None]
+    if rank == 0:
+        try:
+            _write_run_files(cfg, start, overwrite)
+        except OSError as e:  # checked above, but a filesystem can still refuse (full, read-only mount)
+            problem = [f"train: cannot write the run dir {start.run_dir}: {e.filename}: {e.strerror}"]
+    dist.broadcast_object_list(problem, src=0)  # every rank stops, not only the one that saw it
+    if problem[0] is not None:
+        raise RunError(problem[0])
+    return start

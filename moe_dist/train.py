@@ -7,14 +7,18 @@ import os
 import signal
 import sys
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
 
-from moe_dist.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, step_dir_name
+from moe_dist.checkpoint import CheckpointError, latest_checkpoint, step_dir_name
+from moe_dist.cli import error_line
 from moe_dist.config import Config, ConfigError, load_config, parse_args
 from moe_dist.data import DataError
 from moe_dist.data.loader import DataLoader
@@ -25,7 +29,7 @@ from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, parallelize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape, resolve_ep
 from moe_dist.params import count_params, training_flops_per_token
-from moe_dist.startup import RunError, start_run
+from moe_dist.startup import RunError, check_run, start_run
 
 Batch = tuple[Tensor, Tensor]
 
@@ -109,7 +113,7 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> float:
     return mean_over_ranks(total / len(batches))
 
 
-def build_model(cfg: Config, mesh, runtime: Runtime) -> nn.Module:
+def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime) -> nn.Module:
     """Same initial weights on every rank and at every world size, then parallelized."""
     torch.manual_seed(cfg.train.seed)
     if runtime.device.type == "cpu":
@@ -125,6 +129,15 @@ def build_model(cfg: Config, mesh, runtime: Runtime) -> nn.Module:
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
     return tuple(t.to(device, non_blocking=True) for t in batch)
+
+
+@torch.no_grad()
+def weights_finite(model: nn.Module) -> bool:
+    """Every rank's shard of every parameter is finite (one all-reduce): weights that are not are never saved."""
+    local = [(p.to_local() if isinstance(p, DTensor) else p).isfinite().all() for p in model.parameters()]
+    flag = torch.stack(local).all().float().cpu().reshape(1)
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return flag.item() == 1.0
 
 
 class Preemption:
@@ -147,99 +160,124 @@ class Preemption:
         return flag.item() > 0
 
 
-def train(cfg: Config, runtime: Runtime, resume: bool = False, overwrite: bool = False) -> dict:
-    """The main loop. Returns the summary that rank 0 prints."""
-    mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
-    run_dir, data_dir, checkpoint = start_run(cfg, runtime, resume, overwrite)
-    d = cfg.data
-    train_data = DataLoader(data_dir, "train", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
-    val_data = DataLoader(data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed)
+class Trainer:
+    """One run: set up from a checked start, then the loop, then one of three endings."""
 
-    model = build_model(cfg, mesh, runtime)
-    optimizer = build_optimizer(model, cfg.optim, runtime.device)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
-    checkpointer = Checkpointer(run_dir, cfg.checkpoint, runtime.rank, runtime.world_size)
-    step, tokens = 0, 0
-    if checkpoint is not None:
-        state = checkpointer.load(checkpoint, model, optimizer, scheduler)
-        step, tokens = int(state["step"]), int(state["tokens"])
-        train_data.load_state_dict(state["data"])
-    if runtime.rank == 0:
-        total, active = count_params(cfg)["total"]
-        print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
-              f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {data_dir}", flush=True)
-    tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
-    logger = MetricsLogger(run_dir, runtime.rank, cfg.train.steps, step, tokens_per_step,
-                           training_flops_per_token(cfg), cfg.metrics.tensorboard)
-    moe_layer_ids = [i for i in range(cfg.model.n_layers) if is_moe_layer(i, cfg.moe)]
-    preemption = Preemption()
+    def __init__(self, cfg: Config, runtime: Runtime, resume: bool, overwrite: bool):
+        self.cfg, self.runtime = cfg, runtime
+        mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
+        start = start_run(cfg, runtime.rank, runtime.world_size, resume, overwrite)
+        self.run_dir, self.checkpointer = start.run_dir, start.checkpointer
+        d = cfg.data
+        self.train_data = DataLoader(start.data_dir, "train", d.seq_len, d.micro_batch, runtime.rank,
+                                     runtime.world_size, d.seed)
+        self.val_data = DataLoader(start.data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size,
+                                   d.seed)
+        self.model = build_model(cfg, mesh, runtime)
+        self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
+        self.step = self.tokens = 0
+        if start.checkpoint is not None:
+            state = self.checkpointer.load(start.checkpoint, self.model, self.optimizer, self.scheduler)
+            self.step, self.tokens = int(state["step"]), int(state["tokens"])
+            self.train_data.load_state_dict(state["data"])
+        if runtime.rank == 0:
+            total, active = count_params(cfg)["total"]
+            print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
+                  f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {start.data_dir}",
+                  flush=True)
+        self.tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
+        self.logger = MetricsLogger(self.run_dir, runtime.rank, cfg.train.steps, self.step, self.tokens_per_step,
+                                    training_flops_per_token(cfg), cfg.metrics.tensorboard)
+        self.moe_layer_ids = [i for i in range(cfg.model.n_layers) if is_moe_layer(i, cfg.moe)]
+        self.start_step = self.step
+        self.first_loss: float | None = None
 
-    def run_eval(at_step: int) -> float:
-        batches = [to_device(next(val_data), runtime.device) for _ in range(cfg.train.eval_steps)]
-        val_data.reset()
-        loss = evaluate(model, batches)
-        logger.eval(at_step, loss)
+    def evaluate(self) -> float:
+        batches = [to_device(next(self.val_data), self.runtime.device) for _ in range(self.cfg.train.eval_steps)]
+        self.val_data.reset()
+        loss = evaluate(self.model, batches)
+        self.logger.eval(self.step, loss)
         return loss
 
-    def save(at_step: int) -> None:
-        checkpointer.save(at_step, model, optimizer, scheduler,
-                          {"step": at_step, "tokens": tokens, "data": train_data.state_dict()})
+    def save_if_good(self, result: StepResult | None) -> bool:
+        """Checkpoint the current step unless its update was skipped or the weights are not finite."""
+        if (result is not None and result.skipped) or not weights_finite(self.model):
+            return False
+        self.checkpointer.save(self.step, self.model, self.optimizer, self.scheduler,
+                               {"step": self.step, "tokens": self.tokens, "data": self.train_data.state_dict()})
+        return True
 
-    start_step = step
-    first_loss = result = val_loss = None
-    preempted = False
-    nonfinite_in_a_row = 0
-    last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
-    while step < last:
-        batches = [to_device(next(train_data), runtime.device) for _ in range(cfg.train.grad_accum)]
-        result = train_step(model, optimizer, scheduler, batches, cfg.optim.grad_clip)
-        step, tokens = step + 1, tokens + tokens_per_step
-        first_loss = result.loss if first_loss is None else first_loss
-        nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
-        checkpointer.poll()
-        if step % cfg.metrics.log_interval == 0 or step in (start_step + 1, last) or result.skipped:
-            metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": scheduler.get_last_lr()[0],
-                       "grad_norm": result.grad_norm, "tokens": tokens, "skipped": result.skipped}
+    def last_good_checkpoint(self) -> str:
+        self.checkpointer.wait()
+        good = latest_checkpoint(self.checkpointer.root)
+        return str(good) if good is not None else "none (no checkpoint was saved)"
+
+    def log_step(self, result: StepResult, nonfinite_in_a_row: int, last: int) -> None:
+        """metrics.jsonl and the console line at log steps; a warning on stderr for a skipped step."""
+        if self.step % self.cfg.metrics.log_interval == 0 or self.step in (self.start_step + 1, last) or result.skipped:
+            metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": self.scheduler.get_last_lr()[0],
+                       "grad_norm": result.grad_norm, "tokens": self.tokens, "skipped": result.skipped}
             if result.expert_load is not None:
-                metrics.update(expert_load_metrics(result.expert_load, result.dropped, moe_layer_ids))
-            logger.train(step, metrics)
-        if result.skipped and runtime.rank == 0:
-            print(f"warning: step {step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}: "
+                metrics.update(expert_load_metrics(result.expert_load, result.dropped, self.moe_layer_ids))
+            self.logger.train(self.step, metrics)
+        if result.skipped and self.runtime.rank == 0:
+            print(f"warning: step {self.step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}: "
                   f"update skipped ({nonfinite_in_a_row} in a row; train.max_nonfinite_steps = "
-                  f"{cfg.train.max_nonfinite_steps})", file=sys.stderr, flush=True)
-        if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-            break
-        if preemption.agreed():
-            preempted = True
-            break
-        if cfg.checkpoint.interval and step % cfg.checkpoint.interval == 0 and step != last and not result.skipped:
-            save(step)
-        if cfg.train.eval_interval and step % cfg.train.eval_interval == 0 and step != last:
-            run_eval(step)
-    preemption.restore()
-    if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
-        checkpointer.wait()
-        logger.close()
-        good = latest_checkpoint(checkpointer.root)
-        raise DivergedError(f"train: {nonfinite_in_a_row} non-finite steps in a row (steps "
-                            f"{step - nonfinite_in_a_row + 1}-{step}): stopped; the last good checkpoint is "
-                            f"{good if good is not None else 'none (no checkpoint was saved)'}")
-    if step > start_step or preempted:
-        save(step)
-    checkpointer.wait()
-    if preempted:
-        if runtime.rank == 0:
-            print(f"SIGTERM: saved {checkpointer.root / step_dir_name(step)}, exiting", flush=True)
-    else:
-        val_loss = run_eval(step)
-    logger.close()
-    return {"steps": step, "tokens": tokens, "first_loss": first_loss, "preempted": preempted,
-            "final_loss": result.loss if result else None, "val_loss": val_loss, "run_dir": str(run_dir),
-            "elapsed_s": round(logger.elapsed(), 1), "world_size": runtime.world_size}
+                  f"{self.cfg.train.max_nonfinite_steps})", file=sys.stderr, flush=True)
+
+    def loop(self) -> tuple[str, StepResult | None]:
+        """Train to the last step; returns how it ended ("finished", "preempted" or "diverged") and the last result."""
+        cfg, result, nonfinite_in_a_row = self.cfg, None, 0
+        last = min(cfg.train.steps, cfg.train.stop_after or cfg.train.steps)
+        preemption = Preemption()
+        try:
+            while self.step < last:
+                batches = [to_device(next(self.train_data), self.runtime.device) for _ in range(cfg.train.grad_accum)]
+                result = train_step(self.model, self.optimizer, self.scheduler, batches, cfg.optim.grad_clip)
+                self.step, self.tokens = self.step + 1, self.tokens + self.tokens_per_step
+                self.first_loss = result.loss if self.first_loss is None else self.first_loss
+                nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
+                self.checkpointer.poll()
+                self.log_step(result, nonfinite_in_a_row, last)
+                if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                    return "diverged", result
+                if preemption.agreed():
+                    return "preempted", result
+                if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step != last:
+                    self.save_if_good(result)
+                if cfg.train.eval_interval and self.step % cfg.train.eval_interval == 0 and self.step != last:
+                    self.evaluate()
+            return "finished", result
+        finally:
+            preemption.restore()
+
+    def run(self) -> dict:
+        """The loop and its ending; returns the summary that rank 0 prints."""
+        ending, result = self.loop()
+        if ending == "diverged":
+            self.logger.close()
+            raise DivergedError(f"train: {self.cfg.train.max_nonfinite_steps} non-finite steps in a row (steps "
+                                f"{self.step - self.cfg.train.max_nonfinite_steps + 1}-{self.step}): stopped; the "
+                                f"last good checkpoint is {self.last_good_checkpoint()}")
+        saved = self.save_if_good(result) if self.step > self.start_step or ending == "preempted" else True
+        val_loss = self.evaluate() if ending == "finished" else None
+        self.checkpointer.wait()
+        self.logger.close()
+        return {"steps": self.step, "tokens": self.tokens, "first_loss": self.first_loss, "ending": ending,
+                "final_loss": result.loss if result else None, "val_loss": val_loss, "run_dir": str(self.run_dir),
+                "elapsed_s": round(self.logger.elapsed(), 1), "world_size": self.runtime.world_size,
+                "unsaved": None if saved else self.last_good_checkpoint()}
 
 
 def _print_summary(summary: dict) -> None:
-    if summary["preempted"] or summary["final_loss"] is None:
+    if summary["unsaved"] is not None:
+        print(f"warning: step {summary['steps']} was not saved (its update was skipped or its weights are not "
+              f"finite); the last good checkpoint is {summary['unsaved']}", file=sys.stderr, flush=True)
+    if summary["ending"] == "preempted":
+        saved = Path(summary["run_dir"]) / "checkpoints" / step_dir_name(summary["steps"])
+        print(f"SIGTERM: {'not saved' if summary['unsaved'] else f'saved {saved}'}, exiting", flush=True)
+    if summary["ending"] == "preempted" or summary["final_loss"] is None:
         print(f"stopped at step {summary['steps']} | run in {summary['run_dir']}", flush=True)
         return
     print(f"done: {summary['steps']} steps, {summary['tokens']:,} tokens in {summary['elapsed_s']} s "
@@ -247,11 +285,15 @@ def _print_summary(summary: dict) -> None:
           f" | val loss {summary['val_loss']:.4f} | run in {summary['run_dir']}", flush=True)
 
 
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, RunError, DivergedError, OSError)
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"
+    summary = None
     try:
         name, overrides, options = parse_args(sys.argv[1:] if argv is None else argv, "train",
-                                              {"resume": False, "overwrite": False})
+                                              {"resume": False, "overwrite": False, "preflight": False})
         if "resume" in options and "overwrite" in options:
             raise ConfigError("train: --resume and --overwrite exclude each other")
         cfg = load_config(name or "tiny", overrides)
@@ -263,16 +305,19 @@ def main(argv: list[str] | None = None) -> int:
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world_size)
         mesh_shape(cfg.parallel, world_size)
+        if "preflight" in options:  # the launchers' check, in one process before torchrun starts the ranks
+            check_run(cfg, 0, world_size, "resume" in options, overwrite)
+            return 0
         runtime = init_distributed(cfg.train.device)
-        summary = train(cfg, runtime, resume="resume" in options, overwrite=overwrite)
-    except (ConfigError, DataError, CheckpointError, RunError, DivergedError) as e:
+        summary = Trainer(cfg, runtime, resume="resume" in options, overwrite=overwrite).run()
+    except EXPECTED_ERRORS as e:
         if not quiet:
-            print(e, file=sys.stderr)
+            print(error_line("train", e), file=sys.stderr)
         return 1 if isinstance(e, DivergedError) else 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    if runtime.rank == 0:
+    if not quiet:
         _print_summary(summary)
     return 0
 

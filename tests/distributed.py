@@ -7,7 +7,7 @@ import os
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist

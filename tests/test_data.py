@@ -16,7 +16,8 @@ import torch
 
 from moe_dist.data import DataError, corpus
 from moe_dist.data.loader import DataLoader, TokenShards, check_compatible
-from moe_dist.data.prep import FORMAT_VERSION, SHARD_TOKENIZER_KEY, prepare, read_manifest
+from moe_dist.data.manifest import FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record
+from moe_dist.data.prep import prepare, val_documents
 from moe_dist.data.tokenizer import file_hash, load_tokenizer
 
 VOCAB = 300
@@ -47,19 +48,36 @@ def _decode_docs(data_dir: Path) -> list[str]:
 def test_prep_round_trip(tmp_path):
     docs = _write_inputs(tmp_path / "in")
     out = prepare([tmp_path / "in"], tmp_path / "out", VOCAB, workers=2, shard_tokens=64, val_fraction=0.25)
-    assert _decode_docs(out) == docs
     m = read_manifest(out)
     assert (m["vocab_size"], m["dtype"], m["eos_id"]) == (VOCAB, "uint16", 0)
     assert m["tokenizer_vocab_size"] <= VOCAB
-    assert m["splits"]["val"]["documents"] == 2 and m["splits"]["train"]["documents"] == len(docs) - 2
-    for split in m["splits"].values():
+    tok = load_tokenizer(out / "tokenizer.json")
+    doc_tokens = np.array([len(tok.encode(d).ids) + 1 for d in docs])  # + EOS
+    first, last = val_documents(doc_tokens, 0.25)
+    assert 0 < last - first < len(docs)
+    assert _decode_docs(out) == docs[:first] + docs[last:] + docs[first:last]  # train, then val
+    val, train = m["splits"]["val"], m["splits"]["train"]
+    assert (val["documents"], train["documents"]) == (last - first, len(docs) - (last - first))
+    assert val["tokens"] == doc_tokens[first:last].sum() <= 0.25 * doc_tokens.sum()
+    for split in (train, val):
         sizes = [s["tokens"] for s in split["shards"]]
-        assert sum(sizes) == split["tokens"] and max(sizes) <= 64 and all(n == 64 for n in sizes[:-1])
+        assert sum(sizes) == split["tokens"] and max(sizes) <= 64
         for shard in split["shards"]:
             with pa.memory_map(str(out / shard["file"])) as source:
                 table = pa.ipc.open_file(source).read_all()
             assert table.schema == pa.schema([("tokens", pa.uint16())]) and table.num_rows == shard["tokens"]
     assert TokenShards(out, "train").chunks[0].dtype == np.uint16
+
+
+@pytest.mark.parametrize("tokens, fraction, expected", [
+    ([100] * 110 + [5000, 5000], 0.02, (106, 110)),  # the two long last documents stay in train: val 1.9%, not 48%
+    ([10, 10, 10, 10], 0.5, (2, 4)),
+    ([50, 40, 60], 0.1, (1, 2)),  # none fits: the smallest one, so that val is never empty
+    ([50, 40, 60], 0.0, (3, 3)),
+    ([100], 0.5, (1, 1)),  # one document cannot be split
+])
+def test_val_split_is_by_tokens(tokens, fraction, expected):
+    assert val_documents(np.array(tokens), fraction) == expected
 
 
 def test_prep_reuses_and_rebuilds(tmp_path, capsys):
@@ -122,9 +140,9 @@ def _arange_dir(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 
                                metadata={SHARD_TOKENIZER_KEY: file_hash(root / "tokenizer.json")})
             with pa.ipc.new_file(str(root / f"{split}-{k:05d}.arrow"), schema) as writer:
                 writer.write_batch(pa.record_batch([pa.array(tokens)], schema=schema))
-            shards.append({"file": f"{split}-{k:05d}.arrow", "tokens": len(tokens)})
+            shards.append(shard_record(root / f"{split}-{k:05d}.arrow", len(tokens)))
         splits[split] = {"shards": shards, "tokens": n, "documents": 1}
-    manifest = {"vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0, "splits": splits,
+    manifest = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0, "splits": splits,
                 "tokenizer": {"file": "tokenizer.json", "hash": file_hash(root / "tokenizer.json")}}
     (root / "manifest.json").write_text(json.dumps(manifest))
     return root
@@ -194,26 +212,26 @@ def test_loader_errors(tmp_path, arange_dir):
         DataLoader(arange_dir, "val", SEQ, 26, rank=0, world_size=2)
     with pytest.raises(DataError, match="no manifest.json"):
         DataLoader(tmp_path / "nowhere", "train", SEQ, 2)
-    check_compatible(arange_dir, 2**16)
+    check_compatible(arange_dir, 2**16, SEQ, 2, 1)
     with pytest.raises(DataError, match=r"prepared for vocab_size 65536, but model.vocab_size is 4096") as info:
-        check_compatible(arange_dir, 4096)
+        check_compatible(arange_dir, 4096, SEQ, 2, 1)
     assert str(arange_dir / "manifest.json") in str(info.value)
     manifest = json.loads((arange_dir / "manifest.json").read_text())
     manifest["dtype"] = "uint32"
     (arange_dir / "manifest.json").write_text(json.dumps(manifest))
     with pytest.raises(DataError, match=r"train-00000.arrow: tokens are uint16 but the manifest says uint32"):
-        check_compatible(arange_dir, 2**16)
+        check_compatible(arange_dir, 2**16, SEQ, 2, 1)
 
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, arange_dir):
-    check_compatible(arange_dir, 2**16)
+    check_compatible(arange_dir, 2**16, SEQ, 2, 1)
     other = _arange_dir(tmp_path / "other", 100, shard_tokens=50, tokenizer='{"another": 1}')
     (arange_dir / "train-00001.arrow").write_bytes((other / "train-00001.arrow").read_bytes())
     with pytest.raises(DataError, match=r"train-00001.arrow: built with tokenizer \w+, but the manifest's is"):
-        check_compatible(arange_dir, 2**16)
+        check_compatible(arange_dir, 2**16, SEQ, 2, 1)
     (other / "tokenizer.json").write_text("{}")  # replaced after prep: no longer the shards' tokenizer
     with pytest.raises(DataError, match=r"other/tokenizer.json is not the tokenizer the shards were built with"):
-        check_compatible(other, 2**16)
+        check_compatible(other, 2**16, SEQ, 2, 1)
 
 
 def test_default_corpus_builds_once(tmp_path, monkeypatch):
@@ -234,13 +252,13 @@ def test_default_corpus_builds_once(tmp_path, monkeypatch):
     monkeypatch.setattr(corpus, "STDLIB_CAP_BYTES", 4000)
     cache = tmp_path / "cache"
     name = f"stdlib-f{FORMAT_VERSION}-v300"
-    (cache / f".{name}.tmp").mkdir(parents=True)  # half-built by a killed run
-    (cache / f".{name}.tmp" / "train-00000.arrow").write_bytes(b"junk")
+    (cache / f".{name}.prep-tmp").mkdir(parents=True)  # half-built by a killed prep
+    (cache / f".{name}.prep-tmp" / "train-00000.arrow").write_bytes(b"junk")
     out = corpus.default_corpus(cache, VOCAB)
-    assert out == cache / name and not (cache / f".{name}.tmp").exists()
-    assert _decode_docs(out) == [files["abc.py"], files["json/decoder.py"], files["json/encoder.py"]]
+    assert out == cache / name and not (cache / f".{name}.prep-tmp").exists()
+    assert sorted(_decode_docs(out)) == sorted([files["abc.py"], files["json/decoder.py"], files["json/encoder.py"]])
     mtime = (out / "manifest.json").stat().st_mtime_ns
     start = time.monotonic()
     assert corpus.default_corpus(cache, VOCAB) == out
     assert time.monotonic() - start < 0.1 and (out / "manifest.json").stat().st_mtime_ns == mtime
-    check_compatible(out, VOCAB)
+    check_compatible(out, VOCAB, 8, 1, 1)

@@ -84,7 +84,7 @@ def test_forward_and_gradients_match_single_process(world_size, ep):
             assert abs(g["aux_loss"] - want["aux_loss"]) <= 1e-5 * want["aux_loss"]
             for name, grad in want["grads"].items():
                 torch.testing.assert_close(g["grads"][name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(),
-                                           msg=lambda m: f"{ROUTINGS[i]} {name}: {m}")
+                                           msg=lambda m, i=i, name=name: f"{ROUTINGS[i]} {name}: {m}")
         # Capacity drops exactly the pairs that one process drops.
         assert sum(g["dropped"] for g in got) == want["dropped"]
         if "moe.capacity_factor" in ROUTINGS[i]:

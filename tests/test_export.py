@@ -146,4 +146,7 @@ def test_errors_are_one_line_exit_2(tmp_path, capsys):
     (run / "checkpoints" / "step-3" / "config.toml").write_text(
         to_toml(load_config("tiny", {**TINY, "model.dim": "32"})))
     assert export.main([str(run), "--out", str(tmp_path / "out")]) == 2
+    assert "config.toml is corrupt (its CRC-32" in capsys.readouterr().err
+    seal(run / "checkpoints" / "step-3", 3, world_size=1)  # consistent files, but not of this model
+    assert export.main([str(run), "--out", str(tmp_path / "out")]) == 2
     assert "cannot load its weights" in capsys.readouterr().err

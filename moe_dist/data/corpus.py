@@ -5,12 +5,12 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 import sysconfig
 from collections.abc import Iterator
 from pathlib import Path
 
-from moe_dist.data.prep import FORMAT_VERSION, MANIFEST, prepare
+from moe_dist.data.manifest import FORMAT_VERSION, MANIFEST
+from moe_dist.data.prep import prepare
 
 STDLIB_CAP_BYTES = 16 * 2**20  # keeps tokenizer training + tokenization well under a minute on 2 cores
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -52,14 +52,10 @@ def default_corpus(cache_root: Path, vocab_size: int) -> Path:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if (target / MANIFEST).is_file():
             return target
-        building = cache_root / f".{target.name}.tmp"
-        shutil.rmtree(building, ignore_errors=True)  # half-built by a run that was killed
-        building.mkdir()
-        source = building / "stdlib.jsonl"
+        source = cache_root / f".{target.name}-source.jsonl"
         with open(source, "w", encoding="utf-8") as f:
             for text in stdlib_texts(stdlib_dir(), STDLIB_CAP_BYTES):
                 f.write(json.dumps({"text": text}) + "\n")
-        prepare([source], building, vocab_size)
+        prepare([source], target, vocab_size)  # built beside target and swapped in whole
         source.unlink()
-        os.rename(building, target)  # the cached dir appears complete or not at all
     return target

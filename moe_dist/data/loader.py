@@ -9,7 +9,7 @@ import pyarrow as pa
 import torch
 
 from moe_dist.data import DataError, one_line
-from moe_dist.data.prep import MANIFEST, SHARD_TOKENIZER_KEY, read_manifest
+from moe_dist.data.manifest import MANIFEST, SHARD_TOKENIZER_KEY, read_manifest, verify_shards
 from moe_dist.data.tokenizer import file_hash
 
 
@@ -42,6 +42,7 @@ class TokenShards:
             raise DataError(f"data: {self.data_dir / MANIFEST}: no split {split!r} "
                             f"(splits: {', '.join(self.manifest['splits'])})")
         self.split = split
+        verify_shards(self.data_dir, self.manifest, checksums=False, splits=(split,))
         shards = self.manifest["splits"][split]["shards"]
         made_with = self.manifest["tokenizer"]["hash"]
         self.chunks = [a for s in shards
@@ -62,8 +63,18 @@ class TokenShards:
         return parts[0] if len(parts) == 1 else np.concatenate(parts)
 
 
-def check_compatible(data_dir: Path | str, vocab_size: int) -> None:
-    """DataError unless the prepared data fits a model of vocab_size, with the manifest's tokenizer and dtype."""
+def _check_global_batch(tokens: int, split: str, data_dir: Path | str, seq_len: int, micro_batch: int,
+                        world_size: int) -> None:
+    windows = max(tokens - 1, 0) // seq_len
+    if windows < world_size * micro_batch:
+        raise DataError(f"data: split {split!r} of {data_dir} has {tokens:,} tokens, one global batch needs "
+                        f"{world_size * micro_batch * seq_len + 1:,} ({world_size} ranks x {micro_batch} sequences "
+                        f"x {seq_len} + 1)")
+
+
+def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_batch: int, world_size: int) -> None:
+    """DataError unless the prepared data fits a model of vocab_size, with the manifest's tokenizer and dtype,
+    and each split holds at least one global batch."""
     manifest = read_manifest(Path(data_dir))
     tokenizer = Path(data_dir) / manifest["tokenizer"]["file"]
     if not tokenizer.is_file():
@@ -75,8 +86,8 @@ def check_compatible(data_dir: Path | str, vocab_size: int) -> None:
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")
-    for split in manifest["splits"]:
-        TokenShards(data_dir, split)
+    for split in ("train", "val"):
+        _check_global_batch(len(TokenShards(data_dir, split)), split, data_dir, seq_len, micro_batch, world_size)
 
 
 class DataLoader:
@@ -98,10 +109,7 @@ class DataLoader:
         self.seq_len, self.micro_batch, self.rank, self.seed = seq_len, micro_batch, rank, seed
         self.global_batch = world_size * micro_batch
         self.n_windows = max(len(self.tokens) - 1, 0) // seq_len
-        if self.n_windows < self.global_batch:
-            raise DataError(
-                f"data: split {split!r} of {data_dir} has {len(self.tokens):,} tokens, one global batch needs "
-                f"{self.global_batch * seq_len + 1:,} ({world_size} ranks x {micro_batch} sequences x {seq_len} + 1)")
+        _check_global_batch(len(self.tokens), split, data_dir, seq_len, micro_batch, world_size)
         self.shuffle = split == "train"
         self.epoch = self.position = 0
         self._order_epoch, self._order = -1, np.arange(0)

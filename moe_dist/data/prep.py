@@ -3,20 +3,22 @@
 The output directory holds:
   tokenizer.json         byte-level BPE; <|endoftext|> (EOS) follows every document
   train-00000.arrow ...  Arrow IPC files, one column `tokens` (uint16, uint32 above 65536 ids), one record batch,
-                         the tokenizer's hash in the schema metadata,
-  val-00000.arrow ...    exactly shard_tokens tokens each but the last; val holds the last val_fraction of documents
-  manifest.json          written last, atomically: if it exists, every file it lists is complete
+                         the tokenizer's hash in the schema metadata
+  val-00000.arrow ...    the last whole documents, as close to val_fraction of the tokens as documents allow
+  manifest.json          counts, options, and each shard's size and CRC-32
+Every input is read and checked before anything is written; the result is built in a hidden directory
+beside --out and swapped in whole, so a refused or killed prep leaves an earlier result as it was.
 """
 
 from __future__ import annotations
 
-import argparse
 import collections
 import hashlib
 import itertools
 import json
 import multiprocessing as mp
 import os
+import re
 import shutil
 import sys
 import time
@@ -26,105 +28,21 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
-from moe_dist.data import DataError, one_line
-from moe_dist.data.tokenizer import eos_id, file_hash, load_tokenizer, train_tokenizer
+from moe_dist.cli import OneLineParser, error_line
+from moe_dist.data import DataError
+from moe_dist.data.documents import check_file, find_inputs, read_documents
+from moe_dist.data.manifest import (FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record, verify_shards,
+                                    write_manifest)
+from moe_dist.data.tokenizer import MIN_VOCAB, eos_id, file_hash, load_tokenizer, train_tokenizer
+from moe_dist.files import staging_dir, swap_in, unwritable_reason
 
-SUFFIXES = (".txt", ".jsonl", ".parquet")
-MANIFEST = "manifest.json"
 TOKENIZER_FILE = "tokenizer.json"
-SHARD_TOKENIZER_KEY = b"moe_dist.tokenizer_hash"
-FORMAT_VERSION = 2  # 2: every shard names its tokenizer in its schema metadata
+PREP_FILES = re.compile(r"manifest\.json|tokenizer\.json|(train|val)-\d{5}\.arrow")  # what prep writes in --out
 DEFAULT_WORKERS = min(4, os.cpu_count() or 1)
 DEFAULT_SHARD_TOKENS = 2**24
 CHUNK_BYTES = 1 << 20  # text per worker task: amortises pickling, keeps memory bounded
-PARQUET_BATCH_ROWS = 1024
 PROGRESS_SECONDS = 5.0
-
-
-def find_inputs(inputs: list[Path]) -> list[Path]:
-    """Files as given, directories expanded (recursively, sorted) into the data files under them."""
-    files = []
-    for path in map(Path, inputs):
-        if path.is_dir():
-            found = sorted(p for p in path.rglob("*") if p.suffix in SUFFIXES and p.is_file())
-            if not found:
-                raise DataError(f"data: {path}: no {', '.join(SUFFIXES)} files in this directory")
-            files.extend(found)
-        elif path.is_file():
-            if path.suffix not in SUFFIXES:
-                raise DataError(f"data: {path}: unsupported file type (expected {', '.join(SUFFIXES)})")
-            files.append(path)
-        else:
-            raise DataError(f"data: {path}: no such file or directory")
-    return files
-
-
-def _parquet_file(path: Path, text_field: str) -> pq.ParquetFile:
-    try:
-        parquet = pq.ParquetFile(path)
-    except (pa.ArrowException, OSError) as e:
-        raise DataError(f"data: {path}: not a readable parquet file ({one_line(e)})") from None
-    schema = parquet.schema_arrow
-    if text_field not in schema.names:
-        raise DataError(f"data: {path}: no column {text_field!r} (columns: {', '.join(schema.names)})")
-    kind = schema.field(text_field).type
-    if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-        raise DataError(f"data: {path}: column {text_field!r} is {kind}, not string")
-    return parquet
-
-
-def count_documents(path: Path, text_field: str) -> int:
-    """Documents in one file without parsing them (a txt file, a non-blank jsonl line, a parquet row)."""
-    if path.stat().st_size == 0:
-        raise DataError(f"data: {path}: empty file")
-    if path.suffix == ".txt":
-        return 1
-    if path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            count = sum(1 for line in f if line.strip())
-    else:
-        count = _parquet_file(path, text_field).metadata.num_rows
-    if count == 0:
-        raise DataError(f"data: {path}: empty file (no documents)")
-    return count
-
-
-def read_documents(path: Path, text_field: str) -> Iterator[str]:
-    """Stream one file's documents, one per count_documents unit (null text reads as "")."""
-    if path.suffix == ".txt":
-        try:
-            yield path.read_text(encoding="utf-8")
-        except UnicodeDecodeError as e:
-            raise DataError(f"data: {path}: not UTF-8 text ({e.reason} at byte {e.start})") from None
-    elif path.suffix == ".jsonl":
-        with open(path, "rb") as f:
-            for lineno, line in enumerate(f, 1):
-                if not line.strip():
-                    continue
-                try:
-                    record = json.loads(line)
-                except ValueError as e:
-                    raise DataError(f"data: {path}:{lineno}: not valid JSON ({one_line(e)})") from None
-                if not isinstance(record, dict) or text_field not in record:
-                    raise DataError(f"data: {path}:{lineno}: no {text_field!r} field")
-                text = record[text_field]
-                if not isinstance(text, (str, type(None))):
-                    raise DataError(f"data: {path}:{lineno}: field {text_field!r} is {type(text).__name__}, not str")
-                yield text or ""
-    else:
-        parquet = _parquet_file(path, text_field)
-        try:
-            for batch in parquet.iter_batches(batch_size=PARQUET_BATCH_ROWS, columns=[text_field]):
-                for text in batch.column(0).to_pylist():
-                    yield text or ""
-        except (pa.ArrowException, OSError) as e:
-            raise DataError(f"data: {path}: unreadable parquet data ({one_line(e)})") from None
-
-
-def _documents(files: list[Path], text_field: str) -> Iterator[str]:
-    return itertools.chain.from_iterable(read_documents(f, text_field) for f in files)
 
 
 def fingerprint(files: list[Path], options: dict) -> str:
@@ -136,26 +54,22 @@ def fingerprint(files: list[Path], options: dict) -> str:
     return digest.hexdigest()[:16]
 
 
-def read_manifest(data_dir: Path) -> dict:
-    """The manifest of a prepared directory; DataError naming the directory if it has none."""
-    path = Path(data_dir) / MANIFEST
-    if not path.is_file():
-        raise DataError(f"data: {data_dir}: no {MANIFEST} here; prepare it with python -m moe_dist.data.prep")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise DataError(f"data: {path}: unreadable ({one_line(e)})") from None
-
-
 def _reusable(out_dir: Path, fp: str) -> bool:
+    """out_dir holds a complete, intact result of the same inputs and options."""
     try:
         manifest = read_manifest(out_dir)
     except DataError:
         return False
     if manifest.get("fingerprint") != fp:
         return False
-    names = [shard["file"] for split in manifest["splits"].values() for shard in split["shards"]]
-    return all((out_dir / name).is_file() for name in [manifest["tokenizer"]["file"], *names])
+    try:
+        if file_hash(out_dir / manifest["tokenizer"]["file"]) != manifest["tokenizer"]["hash"]:
+            raise DataError(f"data: {out_dir / manifest['tokenizer']['file']}: not the tokenizer of the shards")
+        verify_shards(out_dir, manifest, checksums=True)
+    except (DataError, OSError) as e:
+        print(f"prep: {e}: preparing {out_dir} again", file=sys.stderr)
+        return False
+    return True
 
 
 class _Progress:
@@ -193,30 +107,28 @@ def _init_worker(tokenizer_path: str, eos: int, dtype: str) -> None:
     _worker = (load_tokenizer(Path(tokenizer_path)), eos, dtype)
 
 
-def _encode(task: tuple[str, list[str]]) -> tuple[str, np.ndarray, int, int]:
-    """(split, texts) -> (split, ids with EOS after each non-empty document, documents, UTF-8 bytes)."""
-    split, texts = task
+def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
+    """texts -> (ids with EOS after each non-empty document, tokens per non-empty document, documents, bytes)."""
     tokenizer, eos, dtype = _worker
     docs = len(texts)
     texts = [t for t in texts if t]  # an empty document would add a lone EOS
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
     ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings), dtype=dtype)
-    return split, ids, docs, sum(len(t.encode()) for t in texts)
+    lengths = np.array([len(e.ids) + 1 for e in encodings], dtype=np.int64)
+    return ids, lengths, docs, sum(len(t.encode()) for t in texts)
 
 
-def _tasks(files: list[Path], text_field: str, n_train: int) -> Iterator[tuple[str, list[str]]]:
-    """(split, texts) work items of about CHUNK_BYTES, never straddling the train/val boundary."""
-    texts, size, split = [], 0, "train"
-    for i, text in enumerate(_documents(files, text_field)):
-        doc_split = "train" if i < n_train else "val"
-        if texts and (doc_split != split or size >= CHUNK_BYTES):
-            yield split, texts
-            texts, size = [], 0
-        split = doc_split
+def _tasks(files: list[Path], text_field: str) -> Iterator[list[str]]:
+    """Lists of documents of about CHUNK_BYTES, in input order."""
+    texts, size = [], 0
+    for text in itertools.chain.from_iterable(read_documents(f, text_field) for f in files):
         texts.append(text)
         size += len(text)
+        if size >= CHUNK_BYTES:
+            yield texts
+            texts, size = [], 0
     if texts:
-        yield split, texts
+        yield texts
 
 
 def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
@@ -230,17 +142,23 @@ def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
         yield pending.popleft().get()
 
 
+def _write_shard(path: Path, tokens: np.ndarray, schema: pa.Schema) -> dict:
+    # One record batch per shard: the loader maps it as a single contiguous array.
+    with pa.ipc.new_file(str(path), schema) as writer:
+        writer.write_batch(pa.record_batch([pa.array(tokens)], schema=schema))
+    return shard_record(path, int(tokens.size))
+
+
 class _ShardWriter:
-    """Cuts one split's token stream into Arrow IPC files of shard_tokens tokens (the last one shorter)."""
+    """Cuts a token stream into Arrow IPC files `<prefix>-<k>.arrow` of shard_tokens tokens (the last shorter),
+    numbered from `first`."""
 
-    def __init__(self, out_dir: Path, split: str, shard_tokens: int, dtype: str, tokenizer_hash: str):
-        self.out_dir, self.split, self.shard_tokens = out_dir, split, shard_tokens
-        self.schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))],
-                                metadata={SHARD_TOKENIZER_KEY: tokenizer_hash})
-        self.parts, self.buffered, self.shards, self.docs = [], 0, [], 0
+    def __init__(self, out_dir: Path, prefix: str, shard_tokens: int, schema: pa.Schema, first: int = 0):
+        self.out_dir, self.prefix, self.shard_tokens, self.schema = out_dir, prefix, shard_tokens, schema
+        self.first = first
+        self.parts, self.buffered, self.shards = [], 0, []
 
-    def add(self, ids: np.ndarray, docs: int) -> None:
-        self.docs += docs
+    def add(self, ids: np.ndarray) -> None:
         while ids.size:
             take = min(ids.size, self.shard_tokens - self.buffered)
             self.parts.append(ids[:take])
@@ -250,116 +168,215 @@ class _ShardWriter:
                 self._flush()
 
     def _flush(self) -> None:
-        name = f"{self.split}-{len(self.shards):05d}.arrow"
-        tokens = np.concatenate(self.parts)
-        # One record batch per shard: the loader maps it as a single contiguous array.
-        with pa.ipc.new_file(str(self.out_dir / name), self.schema) as writer:
-            writer.write_batch(pa.record_batch([pa.array(tokens)], schema=self.schema))
-        self.shards.append({"file": name, "tokens": int(tokens.size)})
+        path = self.out_dir / f"{self.prefix}-{self.first + len(self.shards):05d}.arrow"
+        self.shards.append(_write_shard(path, np.concatenate(self.parts), self.schema))
         self.parts, self.buffered = [], 0
 
-    def close(self) -> dict:
+    def close(self) -> list[dict]:
         if self.buffered:
             self._flush()
-        return {"shards": self.shards, "tokens": sum(s["tokens"] for s in self.shards), "documents": self.docs}
+        return self.shards
 
 
-def _tokenize(files: list[Path], text_field: str, n_train: int, out_dir: Path, tokenizer_path: Path, eos: int,
-              dtype: str, workers: int, shard_tokens: int) -> dict:
-    writers = {split: _ShardWriter(out_dir, split, shard_tokens, dtype, file_hash(tokenizer_path))
-               for split in ("train", "val")}
-    progress = _Progress("tokenizing")
+def _read_shard(path: Path) -> np.ndarray:
+    """A shard's tokens, memory-mapped."""
+    return pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0).column(0).to_numpy()
+
+
+def val_documents(doc_tokens: np.ndarray, val_fraction: float) -> tuple[int, int]:
+    """The documents [first, last + 1) that the val split takes: the latest run of whole documents that fits in
+    val_fraction of all tokens, taken back from the last document that fits alone (longer ones at the end stay in
+    train). At least one document in each split: the smallest one when none fits; none for val_fraction 0 or a
+    single document."""
+    n = len(doc_tokens)
+    if val_fraction == 0 or n < 2:
+        return n, n
+    target = val_fraction * doc_tokens.sum()
+    fitting = np.flatnonzero(doc_tokens <= target)
+    if fitting.size == 0:
+        smallest = int(np.argmin(doc_tokens))
+        return smallest, smallest + 1
+    last = int(fitting[-1])
+    taken = int(np.searchsorted(np.cumsum(doc_tokens[last::-1]), target, side="right"))
+    return last + 1 - taken, last + 1
+
+
+def _pieces(chunks: list[np.ndarray], starts: np.ndarray, lo: int, hi: int) -> Iterator[np.ndarray]:
+    """tokens[lo:hi] of the stream held in `chunks` (starting at `starts`), chunk by chunk."""
+    for chunk, start in zip(chunks, starts):
+        a, b = max(lo, start), min(hi, start + len(chunk))
+        if a < b:
+            yield chunk[a - start:b - start]
+
+
+def _split(staging: Path, stream: _ShardWriter, val_start: int, val_end: int) -> tuple[list[dict], list[dict]]:
+    """The closed stream's shards -> (train shards, val shards): val takes tokens [val_start, val_end), train the
+    rest. Shards before val_start are renamed; the shard holding val_start and all after it are written again."""
+    shards = stream.close()
+    paths = [staging / shard["file"] for shard in shards]
+    chunks = [_read_shard(path) for path in paths]
+    starts = np.cumsum([0] + [len(c) for c in chunks])
+    train = []
+    for shard, path, chunk, start in zip(shards, paths, chunks, starts):
+        if start + len(chunk) <= val_start:
+            train.append({**shard, "file": f"train-{len(train):05d}.arrow"})
+            os.rename(path, staging / train[-1]["file"])
+        elif start < val_start:
+            train.append(_write_shard(staging / f"train-{len(train):05d}.arrow", chunk[:val_start - start],
+                                      stream.schema))
+    rest, val = (_ShardWriter(staging, prefix, stream.shard_tokens, stream.schema, first)
+                 for prefix, first in (("train", len(train)), ("val", 0)))
+    for piece in _pieces(chunks, starts, val_start, val_end):
+        val.add(piece)
+    for piece in _pieces(chunks, starts, val_end, int(starts[-1])):
+        rest.add(piece)
+    for path in paths:
+        path.unlink(missing_ok=True)  # the renamed ones are gone already
+    return train + rest.close(), val.close()
+
+
+def _tokenize(files: list[Path], text_field: str, staging: Path, tokenizer_path: Path, eos: int, dtype: str,
+              workers: int, shard_tokens: int, val_fraction: float) -> dict:
+    schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))],
+                       metadata={SHARD_TOKENIZER_KEY: file_hash(tokenizer_path)})
+    stream = _ShardWriter(staging, "stream", shard_tokens, schema)
+    progress, lengths, docs = _Progress("tokenizing"), [], 0
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), eos, dtype)) as pool:
-        for split, ids, docs, nbytes in _in_order(pool, _tasks(files, text_field, n_train), 2 * workers):
-            writers[split].add(ids, docs)
-            progress.update(docs, nbytes, ids.size)
+        for ids, doc_lengths, n, nbytes in _in_order(pool, _tasks(files, text_field), 2 * workers):
+            stream.add(ids)
+            lengths.append(doc_lengths)
+            docs += n
+            progress.update(n, nbytes, ids.size)
     progress.report()
-    return {split: writer.close() for split, writer in writers.items()}
+    doc_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    first, last = val_documents(doc_tokens, val_fraction)
+    offsets = np.concatenate([[0], np.cumsum(doc_tokens)])
+    train, val = _split(staging, stream, int(offsets[first]), int(offsets[last]))
+    val_tokens = int(offsets[last] - offsets[first])
+    return {"train": {"shards": train, "tokens": int(offsets[-1]) - val_tokens,
+                      "documents": len(doc_tokens) - (last - first)},
+            "val": {"shards": val, "tokens": val_tokens, "documents": last - first},
+            "empty_documents": docs - len(doc_tokens)}
 
 
-def _check_options(vocab_size: int, workers: int, shard_tokens: int, val_fraction: float) -> None:
+def _check_options(vocab_size: int, workers: int, shard_tokens: int, val_fraction: float, train_one: bool) -> None:
     for name, value in (("vocab_size", vocab_size), ("workers", workers), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise DataError(f"data: {name} = {value} must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data: val_fraction = {val_fraction} must be in [0, 1)")
+    if train_one and vocab_size < MIN_VOCAB:
+        raise DataError(f"data: vocab_size = {vocab_size} is too small for a byte-level tokenizer (min {MIN_VOCAB})")
+
+
+def _check_out_dir(out_dir: Path, files: list[Path]) -> Path:
+    """The directory prep will replace, checked: not a file, no inputs inside, nothing in it that prep did not write."""
+    out_dir = out_dir.resolve()  # a link to a directory elsewhere: the result goes there, beside its target
+    if out_dir.exists() and not out_dir.is_dir():
+        raise DataError(f"data: --out {out_dir} is a file; prep writes a directory")
+    for path in files:
+        if out_dir in path.resolve().parents:
+            raise DataError(f"data: input {path} is inside --out {out_dir}, which prep replaces; write elsewhere")
+    if out_dir.is_dir():
+        foreign = [p.name for p in sorted(out_dir.iterdir()) if not PREP_FILES.fullmatch(p.name)]
+        if foreign:
+            raise DataError(f"data: --out {out_dir} holds {foreign[0]!r}, which prep did not write (prep replaces the "
+                            f"whole directory); give an empty or new directory")
+    reason = unwritable_reason(out_dir.parent)
+    if reason is not None:
+        raise DataError(f"data: --out {out_dir}: {reason}")
+    return out_dir
+
+
+def _given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
+    tok = load_tokenizer(tokenizer)
+    eos_id(tok, tokenizer)
+    if tok.get_vocab_size() > vocab_size:
+        raise DataError(f"data: {tokenizer}: {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
+
+
+def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | None, text_field: str,
+           workers: int, shard_tokens: int, val_fraction: float, fp: str, options: dict) -> dict:
+    """The whole result in `staging`: tokenizer, shards, manifest."""
+    tokenizer_path = staging / TOKENIZER_FILE
+    if tokenizer is None:
+        progress = _Progress("training the tokenizer")
+        texts = itertools.chain.from_iterable(read_documents(f, text_field) for f in files)
+        train_tokenizer(progress.track(texts), vocab_size).save(str(tokenizer_path))
+        progress.report()
+    else:
+        shutil.copyfile(tokenizer, tokenizer_path)
+    tok = load_tokenizer(tokenizer_path)
+    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
+    eos = eos_id(tok, tokenizer_path)
+    splits = _tokenize(files, text_field, staging, tokenizer_path, eos, dtype, workers, shard_tokens, val_fraction)
+    manifest = {
+        "format": FORMAT_VERSION, "fingerprint": fp, "options": options, "input_files": len(files),
+        "tokenizer": {"file": TOKENIZER_FILE, "hash": file_hash(tokenizer_path)},
+        "vocab_size": vocab_size, "tokenizer_vocab_size": tok.get_vocab_size(), "dtype": dtype, "eos_id": eos,
+        "empty_documents": splits.pop("empty_documents"), "splits": splits,
+    }
+    write_manifest(staging, manifest)
+    return manifest
+
+
+def _report(out_dir: Path, manifest: dict) -> None:
+    train, val = manifest["splits"]["train"], manifest["splits"]["val"]
+    share = val["tokens"] / max(train["tokens"] + val["tokens"], 1)
+    empty = f", {manifest['empty_documents']:,} empty documents skipped" if manifest["empty_documents"] else ""
+    print(f"prep: {out_dir}: train {train['tokens']:,} tokens ({train['documents']:,} documents), val "
+          f"{val['tokens']:,} tokens ({val['documents']:,} documents, {share:.2%} of the tokens){empty}",
+          file=sys.stderr, flush=True)
 
 
 def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path | None = None,
             text_field: str = "text", workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            val_fraction: float = 0.02) -> Path:
-    """Tokenize inputs into out_dir, or reuse out_dir if it was prepared from the same inputs and options."""
-    _check_options(vocab_size, workers, shard_tokens, val_fraction)
-    out_dir = Path(out_dir)
+            val_fraction: float = 0.02, force: bool = False) -> Path:
+    """Tokenize inputs into out_dir, or reuse out_dir if it holds an intact result of the same inputs and options."""
+    _check_options(vocab_size, workers, shard_tokens, val_fraction, train_one=tokenizer is None)
     files = find_inputs(inputs)
-    if tokenizer is not None and not Path(tokenizer).is_file():
-        raise DataError(f"data: {tokenizer}: no such tokenizer file")
+    out_dir = _check_out_dir(Path(out_dir), files)
+    if tokenizer is not None:
+        _given_tokenizer(Path(tokenizer), vocab_size)
     options = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "val_fraction": val_fraction,
                "tokenizer": file_hash(tokenizer) if tokenizer is not None else None}
     fp = fingerprint(files, options)
-    if _reusable(out_dir, fp):
-        print(f"prep: reusing {out_dir} (same inputs and options, fingerprint {fp})", file=sys.stderr)
+    if not force and _reusable(out_dir, fp):
+        print(f"prep: reusing {out_dir} (same inputs and options, shards verified)", file=sys.stderr)
         return out_dir
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    # The old manifest goes first so that it never describes shards that are being rewritten.
-    (out_dir / MANIFEST).unlink(missing_ok=True)
-    for stale in [*out_dir.glob("train-*.arrow"), *out_dir.glob("val-*.arrow")]:
-        stale.unlink()
-    n_docs = sum(count_documents(f, text_field) for f in files)  # fails fast on empty or broken files
-    n_val = min(max(round(n_docs * val_fraction), 1), n_docs - 1) if val_fraction > 0 else 0
-
-    tokenizer_path = out_dir / TOKENIZER_FILE
-    if tokenizer is None:
-        progress = _Progress("training the tokenizer")
-        train_tokenizer(progress.track(_documents(files, text_field)), vocab_size).save(str(tokenizer_path))
-        progress.report()
-    elif Path(tokenizer).resolve() != tokenizer_path.resolve():
-        shutil.copyfile(tokenizer, tokenizer_path)
-    tok = load_tokenizer(tokenizer_path)
-    if tok.get_vocab_size() > vocab_size:
-        raise DataError(f"data: {tokenizer}: {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
-    eos = eos_id(tok, tokenizer_path)
-    dtype = "uint16" if vocab_size <= 2**16 else "uint32"
-
-    splits = _tokenize(files, text_field, n_docs - n_val, out_dir, tokenizer_path, eos, dtype, workers, shard_tokens)
-    manifest = {
-        "format": FORMAT_VERSION,
-        "fingerprint": fp,
-        "options": options,
-        "input_files": len(files),
-        "tokenizer": {"file": TOKENIZER_FILE, "hash": file_hash(tokenizer_path)},
-        "vocab_size": vocab_size,
-        "tokenizer_vocab_size": tok.get_vocab_size(),
-        "dtype": dtype,
-        "eos_id": eos,
-        "splits": splits,
-    }
-    tmp = out_dir / f"{MANIFEST}.tmp"
-    tmp.write_text(json.dumps(manifest, indent=1) + "\n")
-    os.replace(tmp, out_dir / MANIFEST)
+    for path in files:  # every input read and checked before the first write
+        check_file(path, text_field)
+    staging = staging_dir(out_dir, "prep")
+    try:
+        manifest = _build(files, staging, vocab_size, tokenizer, text_field, workers, shard_tokens, val_fraction,
+                          fp, options)
+        swap_in(staging, out_dir)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    _report(out_dir, manifest)
     return out_dir
 
 
 def main(argv: list[str] | None = None) -> int:
     """Command-line entry point; a DataError prints one line and exits 2."""
-    parser = argparse.ArgumentParser(prog="python -m moe_dist.data.prep", description=__doc__.splitlines()[0])
+    parser = OneLineParser(prog="python -m moe_dist.data.prep", description=__doc__.splitlines()[0])
     parser.add_argument("--input", nargs="+", required=True, type=Path, help="files, or directories to search")
     parser.add_argument("--vocab-size", type=int, required=True)
-    parser.add_argument("--out", type=Path, required=True)
+    parser.add_argument("--out", type=Path, required=True, help="the directory to write (replaced whole when done)")
     parser.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
-    parser.add_argument("--val-fraction", type=float, default=0.02)
+    parser.add_argument("--val-fraction", type=float, default=0.02, help="of the tokens, in whole documents")
+    parser.add_argument("--force", action="store_true", help="prepare again even if --out holds this result")
     args = parser.parse_args(argv)
     try:
         out = prepare(args.input, args.out, args.vocab_size, args.tokenizer, args.text_field, args.workers,
-                      args.shard_tokens, args.val_fraction)
-    except DataError as e:
-        print(e, file=sys.stderr)
+                      args.shard_tokens, args.val_fraction, args.force)
+    except (DataError, OSError) as e:
+        print(error_line("data", e), file=sys.stderr)
         return 2
     print(out)
     return 0
