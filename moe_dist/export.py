@@ -172,15 +172,15 @@ def _source_root(checkpoint: Path) -> Path:
 def check_out_dir(out: Path, checkpoint: Path) -> Path:
     """ExportError unless `out` is a new or empty directory outside what is being exported."""
     out = out.resolve()
-    if out.exists() and not out.is_dir():
-        raise ExportError(f"export: --out {out} is an existing file; give a new or empty directory")
-    if out.is_dir() and any(out.iterdir()):
-        raise ExportError(f"export: --out {out} is not empty; give a new or empty directory (nothing is overwritten)")
     source = _source_root(checkpoint).resolve()
     checkpoints = source / "checkpoints"  # the trainer prunes and replaces what is in there
     if out == source or out in source.parents or out == checkpoints or checkpoints in out.parents:
         raise ExportError(f"export: --out {out} would be written over {source}, which it exports from; "
                           f"give a directory outside it")
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"export: --out {out} is an existing file; give a new or empty directory")
+    if out.is_dir() and any(out.iterdir()):
+        raise ExportError(f"export: --out {out} is not empty; give a new or empty directory (nothing is overwritten)")
     reason = unwritable_reason(out)
     if reason is not None:
         raise ExportError(f"export: --out {out}: {reason}")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import math
 import sys
 import time
@@ -68,7 +69,8 @@ def generate(model: Transformer, prompt: Tensor, max_new_tokens: int, temperatur
     return tokens
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    """The options, checked: a bad one exits 2 with one line."""
     parser = OneLineParser(prog="python -m moe_dist.generate", description=__doc__.splitlines()[0])
     parser.add_argument("--checkpoint", required=True,
                         help="run dir (its latest checkpoint), checkpoints/step-<N> dir or export dir")
@@ -88,6 +90,11 @@ def main(argv: list[str] | None = None) -> int:
                      f"{args.top_p}, {args.max_new_tokens})")
     if args.device == "auto":
         args.device = "cuda" if torch.cuda.is_available() else "cpu"
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
     device = torch.device(args.device)
     try:
         model, cfg, tokenizer_path = load_for_inference(args.checkpoint)

@@ -213,9 +213,10 @@ class Trainer:
         good = latest_checkpoint(self.checkpointer.root)
         return str(good) if good is not None else "none (no checkpoint was saved)"
 
-    def log_step(self, result: StepResult, nonfinite_in_a_row: int, last: int) -> None:
-        """metrics.jsonl and the console line at log steps; a warning on stderr for a skipped step."""
-        if self.step % self.cfg.metrics.log_interval == 0 or self.step in (self.start_step + 1, last) or result.skipped:
+    def log_step(self, result: StepResult, nonfinite_in_a_row: int, final: bool) -> None:
+        """metrics.jsonl and the console line at log steps and the final one; a warning on stderr for a skipped step."""
+        first = self.step == self.start_step + 1
+        if self.step % self.cfg.metrics.log_interval == 0 or first or final or result.skipped:
             metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": self.scheduler.get_last_lr()[0],
                        "grad_norm": result.grad_norm, "tokens": self.tokens, "skipped": result.skipped}
             if result.expert_load is not None:
@@ -239,10 +240,11 @@ class Trainer:
                 self.first_loss = result.loss if self.first_loss is None else self.first_loss
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
                 self.checkpointer.poll()
-                self.log_step(result, nonfinite_in_a_row, last)
+                preempted = preemption.agreed()
+                self.log_step(result, nonfinite_in_a_row, final=preempted or self.step == last)
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     return "diverged", result
-                if preemption.agreed():
+                if preempted:
                     return "preempted", result
                 if cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0 and self.step != last:
                     self.save_if_good(result)

@@ -1,3 +1,5 @@
+import shutil
+
 import pytest
 import torch
 
@@ -34,3 +36,13 @@ def finished_run(tmp_path_factory, prepared_data):
                         "--metrics.tensorboard", "true")
     assert main(argv) == 0
     return root / "run", argv
+
+
+@pytest.fixture
+def run_copy(tmp_path, finished_run):
+    """A copy of the finished run (runs dir, run dir) and the argv that made it, pointed at the copy."""
+    run_dir, argv = finished_run
+    runs = tmp_path / "runs"
+    shutil.copytree(run_dir.parent, runs, symlinks=True)
+    argv = [str(runs) if a == str(run_dir.parent) else a for a in argv]
+    return runs, runs / run_dir.name, argv

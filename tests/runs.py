@@ -7,6 +7,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import torch
@@ -47,14 +48,37 @@ def run_trainer(cmd: list[str], timeout: float = 600) -> subprocess.CompletedPro
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
 
 
+def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
+    """Poll until condition() holds; fail with the process's stderr if it exits first."""
+    deadline = time.time() + timeout
+    while not condition():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.time() < deadline, "timed out"
+        time.sleep(0.005)
+
+
 def tree_state(*roots: Path) -> dict[str, object]:
-    """Every directory and file under roots, files with their size and content hash: equal means untouched."""
+    """Every directory, link and file under roots (links not followed), files with their size and content hash:
+    equal means untouched."""
     state = {}
     for root in roots:
         for path in sorted(Path(root).rglob("*")):
-            state[str(path)] = "dir" if path.is_dir() else (path.stat().st_size,
-                                                            hashlib.sha256(path.read_bytes()).hexdigest())
+            if path.is_symlink():
+                state[str(path)] = ("link", os.readlink(path))
+            elif path.is_dir():
+                state[str(path)] = "dir"
+            else:
+                state[str(path)] = (path.stat().st_size, hashlib.sha256(path.read_bytes()).hexdigest())
     return state
+
+
+def corrupt_in_place(step_dir: Path) -> Path:
+    """64 KiB of garbage written over the middle of a checkpoint shard: the same size, other bytes."""
+    shard = next(step_dir.glob("*.distcp"))
+    with open(shard, "r+b") as f:
+        f.seek(shard.stat().st_size // 2)
+        f.write(bytes((7 * i + 3) % 256 for i in range(65536)))
+    return shard
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

@@ -261,4 +261,4 @@ def test_default_corpus_builds_once(tmp_path, monkeypatch):
     start = time.monotonic()
     assert corpus.default_corpus(cache, VOCAB) == out
     assert time.monotonic() - start < 0.1 and (out / "manifest.json").stat().st_mtime_ns == mtime
-    check_compatible(out, VOCAB, 8, 1, 1)
+    check_compatible(out, VOCAB, 4, 1, 1)
