@@ -1,19 +1,19 @@
-"""python -m benchmarks [--full] [--threads N] [--device D]: the three benchmarks in turn, as `make bench`."""
+"""python -m benchmarks [--full] [--threads N] [--device D]: the benchmarks in turn, as `make bench`."""
 
 from __future__ import annotations
 
 import sys
 import time
 
-from benchmarks import all_to_all, routing, train_step
+from benchmarks import all_to_all, checkpoint_save, routing, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    for bench in (routing, all_to_all, train_step):
+    for bench in (routing, all_to_all, train_step, checkpoint_save):
         bench.main(argv)
         print(flush=True)
-    print(f"bench: {time.perf_counter() - start:.0f} s for all three")
+    print(f"bench: {time.perf_counter() - start:.0f} s for all four")
     return 0
 
 

@@ -45,10 +45,13 @@ def _decode_docs(data_dir: Path) -> list[str]:
     return [tok.decode(doc.tolist()) for doc in np.split(stream, cuts + 1)[:-1]]
 
 
-def test_prep_round_trip(tmp_path):
+def test_prep_round_trip(tmp_path, capsys):
     docs = _write_inputs(tmp_path / "in")
     out = prepare([tmp_path / "in"], tmp_path / "out", VOCAB, workers=2, shard_tokens=64, val_fraction=0.25)
     m = read_manifest(out)
+    train_tokens, val_tokens = (m["splits"][split]["tokens"] for split in ("train", "val"))
+    report = capsys.readouterr().err.splitlines()[-1]  # both splits' counts
+    assert f"train {train_tokens:,} tokens" in report and f"val {val_tokens:,} tokens" in report
     assert (m["vocab_size"], m["dtype"], m["eos_id"]) == (VOCAB, "uint16", 0)
     assert m["tokenizer_vocab_size"] <= VOCAB
     tok = load_tokenizer(out / "tokenizer.json")
@@ -58,7 +61,7 @@ def test_prep_round_trip(tmp_path):
     assert _decode_docs(out) == docs[:first] + docs[last:] + docs[first:last]  # train, then val
     val, train = m["splits"]["val"], m["splits"]["train"]
     assert (val["documents"], train["documents"]) == (last - first, len(docs) - (last - first))
-    assert val["tokens"] == doc_tokens[first:last].sum() <= 0.25 * doc_tokens.sum()
+    assert val["tokens"] == val_tokens == doc_tokens[first:last].sum() <= 0.25 * doc_tokens.sum()
     for split in (train, val):
         sizes = [s["tokens"] for s in split["shards"]]
         assert sum(sizes) == split["tokens"] and max(sizes) <= 64

@@ -68,6 +68,8 @@ def test_consolidated_export_reproduces_logits(tmp_path, dtype):
     out = tmp_path / "out"
     assert export.main([str(run), "--out", str(out), "--dtype", dtype]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["config.toml", "model.safetensors", "tokenizer.json"]
+    # safetensors writes 0600; an export gets the mode of any file written under the user's umask.
+    assert (out / "model.safetensors").stat().st_mode == (out / "config.toml").stat().st_mode
 
     state = load_file(out / "model.safetensors")
     assert state.keys() == model.state_dict().keys()

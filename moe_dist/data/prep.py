@@ -184,7 +184,7 @@ def _read_shard(path: Path) -> np.ndarray:
 
 
 def val_documents(doc_tokens: np.ndarray, val_fraction: float) -> tuple[int, int]:
-    """The documents [first, last + 1) that the val split takes: the latest run of whole documents that fits in
+    """The documents [first, end) that the val split takes: the latest run of whole documents that fits in
     val_fraction of all tokens, taken back from the last document that fits alone (longer ones at the end stay in
     train). At least one document in each split: the smallest one when none fits; none for val_fraction 0 or a
     single document."""
