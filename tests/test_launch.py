@@ -89,7 +89,8 @@ def test_slurm_variables(tmp_path):
     assert cmd[2] == str(venv_python)  # the submit dir's .venv when there is one
     assert {"--nproc_per_node=4", "--rdzv_endpoint=gpu01:30000", "--max-restarts=0", "--log-dir=/scratch/l"} \
         <= set(cmd)
-    assert "--nproc_per_node=2" in slurm_commands(tmp_path, SLURM_GPUS_ON_NODE="2")[1]  # what sbatch --gpus-per-node=2 sets
+    # What sbatch --gpus-per-node=2 sets:
+    assert "--nproc_per_node=2" in slurm_commands(tmp_path, SLURM_GPUS_ON_NODE="2")[1]
 
 
 def test_slurm_outside_slurm_is_one_line(tmp_path):
