@@ -34,7 +34,7 @@ from moe_dist.train import build_model
 def _model_and_optimizer(config: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     cfg = load_config(config, {"parallel.ep": "1", "train.device": "cpu"})
     runtime = init_distributed("cpu")
-    model = build_model(cfg, build_mesh(cfg.parallel, 1, "cpu"), runtime)
+    model = build_model(cfg, build_mesh(cfg, 1, "cpu"), runtime)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     for p in model.parameters():  # one step, so that AdamW holds its two moments
         p.grad = torch.zeros_like(p)

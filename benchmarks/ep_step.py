@@ -30,7 +30,7 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 def time_steps(rank: int, world: int, config: str, ep: int, steps: int, device: torch.device) -> list[float]:
     cfg = load_config(config, {"parallel.ep": ep})
-    model = build_model(cfg, build_mesh(cfg.parallel, world, device.type), Runtime(rank, world, rank, device))
+    model = build_model(cfg, build_mesh(cfg, world, device.type), Runtime(rank, world, rank, device))
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps + 2)
     gen = torch.Generator().manual_seed(rank)

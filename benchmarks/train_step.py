@@ -21,7 +21,7 @@ from benchmarks.common import (datasheet_peak, environment, human, markdown_tabl
 from moe_dist.config import Config, load_config
 from moe_dist.model import moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
-from moe_dist.parallel.mesh import build_mesh, init_distributed, resolve_ep
+from moe_dist.parallel.mesh import build_mesh, init_distributed
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.train import build_model, train_step
 
@@ -45,10 +45,9 @@ def run_config(run: Run, device: torch.device, compile_blocks: bool) -> tuple[Co
     overrides = {"data.seq_len": run.seq_len, "data.micro_batch": run.micro_batch}
     cfg = load_config(run.config, {k: v for k, v in overrides.items() if v})
     cfg.train.device = device.type
-    cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, 1)
     cfg.parallel.compile = compile_blocks
     runtime = init_distributed(cfg.train.device)
-    model = build_model(cfg, build_mesh(cfg.parallel, 1, device.type), runtime)
+    model = build_model(cfg, build_mesh(cfg, 1, device.type), runtime)
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, run.steps + 2)
     d = cfg.data

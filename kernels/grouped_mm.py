@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import Tensor
+from torch.autograd.graph import saved_tensors_hooks
 
 BACKENDS = ("grouped_mm", "padded", "loop")
 
@@ -27,9 +28,12 @@ def _grouped_mm_runs(device_type: str, dtype: torch.dtype) -> bool:
         return False
     try:
         # The answer is cached for the process: probe with autograd on even if the first caller has it off.
-        with torch.inference_mode(False), torch.enable_grad():
-            x = torch.randn(16, 16, device=device_type, dtype=dtype, requires_grad=True)
-            w = torch.randn(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
+        # The first caller may be inside an activation-checkpointed block: identity saved-tensor hooks keep the
+        # probe's own saved tensors out of that block's, which its recomputation (probe cached) would not save.
+        # No random numbers either: the probe must not move the caller's RNG.
+        with torch.inference_mode(False), torch.enable_grad(), saved_tensors_hooks(lambda t: t, lambda t: t):
+            x = torch.ones(16, 16, device=device_type, dtype=dtype, requires_grad=True)
+            w = torch.ones(2, 16, 16, device=device_type, dtype=dtype, requires_grad=True)
             offsets = torch.tensor([8, 16], device=device_type, dtype=torch.int32)
             _GroupedMM.apply(x, w, offsets).float().square().sum().backward()
         return True

@@ -8,7 +8,6 @@ Activations are estimated from what autograd saves in this model's forward (see 
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from dataclasses import dataclass
@@ -19,7 +18,7 @@ from moe_dist.config import Config
 from moe_dist.model import Transformer
 from moe_dist.model.moe import GroupedExperts
 from moe_dist.model.transformer import is_moe_layer
-from moe_dist.parallel.mesh import mesh_shape, resolve_ep
+from moe_dist.parallel.mesh import resolve_mesh
 
 FP32 = 4
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2}
@@ -39,7 +38,7 @@ def meta_model(cfg: Config) -> Transformer:
 
 def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> dict[str, int]:
     """{parameter name: elements of its local shard on `rank`} for a run of `world` ranks (model: cfg's, on meta)."""
-    ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
+    ep = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world).ep
     model = model if model is not None else meta_model(cfg)
     expert_params = {f"{module_name}.{name}" for module_name, module in model.named_modules()
                      if isinstance(module, GroupedExperts) for name, _ in module.named_parameters()}
@@ -110,8 +109,8 @@ class MemoryPlan:
 
 def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPlan:
     """Per-device memory of a training run of `cfg` on `world` ranks (ConfigError for an impossible mesh)."""
-    ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world)
-    dp_shard, ep = mesh_shape(dataclasses.replace(cfg.parallel, ep=ep), world)
+    parallel = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world)
+    dp_shard, ep = parallel.dp_shard, parallel.ep
     model = meta_model(cfg)
     shards = local_shard_numels(cfg, world, rank=0, model=model)
     shard_bytes = FP32 * sum(shards.values())

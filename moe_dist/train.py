@@ -27,7 +27,8 @@ from moe_dist.model import Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, parallelize
-from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, mesh_shape, resolve_ep
+from moe_dist.parallel.materialize import materialize
+from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolve_mesh
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.startup import RunError, check_run, start_run
 
@@ -114,16 +115,13 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> float:
 
 
 def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime) -> nn.Module:
-    """Same initial weights on every rank and at every world size, then parallelized."""
-    torch.manual_seed(cfg.train.seed)
-    if runtime.device.type == "cpu":
-        model = Transformer(cfg.model, cfg.moe)  # small enough to build whole, then shard
-        return parallelize(model, cfg.parallel, mesh, runtime.device)
-    with torch.device("meta"):  # large models: shard first, materialise only the local shards
-        model = Transformer(cfg.model, cfg.moe)
+    """Built on the meta device, parallelized, then only this rank's shards allocated and initialised: the full
+    weights equal the single-process Transformer(cfg.model, cfg.moe, seed=cfg.train.seed) at every world size
+    and layout, bit for bit. The same path on CPU and GPU."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
     parallelize(model, cfg.parallel, mesh, runtime.device)
-    model.to_empty(device=runtime.device)
-    model.init_weights()
+    materialize(model, runtime.device)
     return model
 
 
@@ -165,7 +163,8 @@ class Trainer:
 
     def __init__(self, cfg: Config, runtime: Runtime, resume: bool, overwrite: bool):
         self.cfg, self.runtime = cfg, runtime
-        mesh = build_mesh(cfg.parallel, runtime.world_size, runtime.device.type)
+        torch.manual_seed(cfg.train.seed)
+        mesh = build_mesh(cfg, runtime.world_size, runtime.device.type)
         start = start_run(cfg, runtime.rank, runtime.world_size, resume, overwrite)
         self.run_dir, self.checkpointer = start.run_dir, start.checkpointer
         d = cfg.data
@@ -305,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
             cfg.checkpoint.resume, overwrite = "auto", False
         # torchrun's WORLD_SIZE is known before any process group: a mesh that does not fit fails here.
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        cfg.parallel.ep = resolve_ep(cfg.parallel, cfg.moe.num_experts, world_size)
-        mesh_shape(cfg.parallel, world_size)
+        cfg.parallel = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world_size)
         if "preflight" in options:  # the launchers' check, in one process before torchrun starts the ranks
             check_run(cfg, 0, world_size, "resume" in options, overwrite)
             return 0

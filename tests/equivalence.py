@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor
+from torch.distributed.tensor import DTensor, Shard
 
 from moe_dist.config import Config, load_config
-from moe_dist.model import Transformer
+from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel.expert_parallel import AllToAllDispatcher
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
 
@@ -59,25 +60,49 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
 
 def reference_run(cfg: Config, batches: torch.Tensor) -> tuple[list, dict]:
     """One process, no process group, plain model, the whole global batch."""
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
     return train_steps(model, cfg, batches), full_parameters(model)
+
+
+def assert_layout(model, ep: int) -> None:
+    """The model really runs the layout a test claims: with ep > 1, every MoE layer's experts are DTensors
+    sharded on dim 0 over a mesh dim "ep" of that size and tokens go through the all-to-all dispatcher (so
+    FSDP alone cannot pass an EP test); with ep = 1, no layer is expert-parallel."""
+    for moe in moe_layers(model):
+        assert isinstance(moe.dispatch, AllToAllDispatcher) == (ep > 1), moe.dispatch
+        for name, w in moe.experts.named_parameters():
+            names = w.device_mesh.mesh_dim_names
+            if ep == 1:
+                assert "ep" not in names or w.device_mesh.size(names.index("ep")) == 1, (name, names)
+                continue
+            i = names.index("ep")
+            assert w.device_mesh.size(i) == ep and w.placements[i] == Shard(0), (name, names, w.placements)
 
 
 def distributed_run(rank: int, world_size: int, cfg: Config, batches: torch.Tensor) -> tuple[list, dict]:
     runtime = Runtime(rank, world_size, rank, torch.device("cpu"))
-    mesh = build_mesh(cfg.parallel, world_size, "cpu")
+    mesh = build_mesh(cfg, world_size, "cpu")
     model = build_model(cfg, mesh, runtime)
+    assert_layout(model, mesh["ep"].size())
     return train_steps(model, cfg, batches, rank, world_size), full_parameters(model)
 
 
-def assert_runs_match(actual: tuple[list, dict], expected: tuple[list, dict], rtol: float) -> None:
-    (steps, params), (ref_steps, ref_params) = actual, expected
-    for got, want in zip(steps, ref_steps):
-        assert abs(got.loss - want.loss) <= rtol * abs(want.loss), (got.loss, want.loss)
-        assert abs(got.aux_loss - want.aux_loss) <= rtol * abs(want.aux_loss) + 1e-9, (got.aux_loss, want.aux_loss)
-        if want.expert_load is not None:
-            torch.testing.assert_close(got.expert_load, want.expert_load, rtol=0, atol=0)
-    assert params.keys() == ref_params.keys()
-    for name, want in ref_params.items():
-        torch.testing.assert_close(params[name], want, rtol=rtol, atol=rtol * want.abs().max().item(), msg=name)
+def assert_runs_match(per_rank: list[tuple[list, dict]], expected: tuple[list, dict], rtol: float) -> None:
+    """Every rank's run equals the reference: as many steps; loss, aux loss and gradient norm within rtol; expert
+    load and dropped pairs exactly; the final weights within rtol."""
+    ref_steps, ref_params = expected
+    for rank, (steps, params) in enumerate(per_rank):
+        assert len(steps) == len(ref_steps), f"rank {rank}: {len(steps)} steps, the reference {len(ref_steps)}"
+        for i, (got, want) in enumerate(zip(steps, ref_steps)):
+            where = f"rank {rank} step {i + 1}"
+            for field in ("loss", "aux_loss", "grad_norm"):
+                a, b = getattr(got, field), getattr(want, field)
+                assert abs(a - b) <= rtol * abs(b) + 1e-9, (where, field, a, b)
+            assert got.skipped == want.skipped, where
+            if want.expert_load is not None:
+                torch.testing.assert_close(got.expert_load, want.expert_load, rtol=0, atol=0, msg=where)
+                torch.testing.assert_close(got.dropped, want.dropped, rtol=0, atol=0, msg=where)
+        assert params.keys() == ref_params.keys()
+        for name, want in ref_params.items():
+            torch.testing.assert_close(params[name], want, rtol=rtol, atol=rtol * want.abs().max().item(),
+                                       msg=f"rank {rank} {name}")

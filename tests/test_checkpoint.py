@@ -42,7 +42,7 @@ def test_resume_is_bit_exact(tmp_path, prepared_data):
 
 def _setup(rank, world_size, ep, cfg):
     cfg.parallel.ep = ep
-    model = build_model(cfg, build_mesh(cfg.parallel, world_size, "cpu"),
+    model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
                         Runtime(rank, world_size, rank, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

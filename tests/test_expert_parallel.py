@@ -5,11 +5,11 @@ import torch
 from torch.distributed.tensor import DTensor
 
 from distributed import run_on_ranks
-from equivalence import (MICRO_BATCH, assert_runs_match, distributed_run, global_batches, reference_run,
-                         small_config, split)
+from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distributed_run, global_batches,
+                         reference_run, small_config, split)
 from moe_dist.config import ConfigError, ParallelConfig
 from moe_dist.model import Transformer, moe_layers
-from moe_dist.parallel.mesh import Runtime, build_mesh, mesh_shape
+from moe_dist.parallel.mesh import Runtime, build_mesh, resolve_mesh
 from moe_dist.train import build_model, loss_fn, mean_over_ranks
 
 MESHES = [(2, 2), (4, 2), (4, 4)]  # (world size, ep); dp_shard is the rest
@@ -52,8 +52,9 @@ def ep_worker(rank, world_size, ep, cases):
     results = []
     for cfg, skewed, batch in cases:
         cfg.parallel.ep = ep
-        model = build_model(cfg, build_mesh(cfg.parallel, world_size, "cpu"),
+        model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
                             Runtime(rank, world_size, rank, torch.device("cpu")))
+        assert_layout(model, ep)
         if skewed:
             skew(model)
         local = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
@@ -62,8 +63,7 @@ def ep_worker(rank, world_size, ep, cases):
 
 
 def reference(cfg, skewed, batch) -> dict:
-    torch.manual_seed(cfg.train.seed)
-    model = Transformer(cfg.model, cfg.moe)
+    model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
     if skewed:
         skew(model)
     return forward_backward(model, *split(batch))
@@ -101,16 +101,39 @@ def test_ten_steps_follow_single_process(world_size, ep):
     cfg = small_config(**{"train.steps": "10", "moe.top_k": "2"})
     batches = global_batches(cfg, 10, world_size)
     cfg.parallel.ep = ep
-    got = run_on_ranks(trajectory_worker, world_size, cfg, batches)[0]
+    got = run_on_ranks(trajectory_worker, world_size, cfg, batches)
     cfg.parallel.ep = 1
     assert_runs_match(got, reference_run(cfg, batches), rtol=1e-4)
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize("ep", [2, 4])
+def test_everything_at_once_over_several_steps(ep):
+    """Gradient accumulation x activation checkpointing x capacity (tokens dropped) x a learning aux-free bias,
+    at world 4 (ep 2 x dp_shard 2, and ep 4), four steps."""
+    cfg = small_config(**{"train.steps": "4", "train.grad_accum": "2", "parallel.activation_checkpoint": "true",
+                          "moe.capacity_factor": "1.0", "moe.aux_free_bias": "true", "moe.bias_update_rate": "0.01",
+                          "moe.top_k": "2"})
+    batches = global_batches(cfg, 4, 4)
+    cfg.parallel.ep = ep
+    got = run_on_ranks(trajectory_worker, 4, cfg, batches)
+    cfg.parallel.ep = 1
+    want = reference_run(cfg, batches)
+    assert all(step.dropped.sum() > 0 for step in want[0])  # capacity really drops tokens
+    assert want[1]["layers.1.ffn.router.expert_bias"].abs().sum() > 0  # and the bias really moves
+    assert_runs_match(got, want, rtol=1e-4)
+
+
 def test_bad_mesh_is_refused_before_any_collective():
     with pytest.raises(ConfigError, match="parallel.ep = 3 must divide the world size 4"):
-        mesh_shape(ParallelConfig(ep=3), 4)
+        resolve_mesh(ParallelConfig(ep=3), 6, 4)
     with pytest.raises(ConfigError, match=r"parallel.dp_shard = 3 x parallel.ep = 2 must equal the world size 4"):
-        mesh_shape(ParallelConfig(ep=2, dp_shard=3), 4)
-    assert mesh_shape(ParallelConfig(ep=2), 8) == (4, 2)
+        resolve_mesh(ParallelConfig(ep=2, dp_shard=3), 8, 4)
+    resolved = resolve_mesh(ParallelConfig(ep=2), 8, 8)
+    assert (resolved.dp_shard, resolved.ep) == (4, 2)
+    # Auto: ep = gcd(world, experts), dp_shard the rest; every caller resolves through this one function.
+    for world, experts, want in ((8, 8, (1, 8)), (12, 8, (3, 4)), (6, 4, (3, 2)), (5, 8, (5, 1))):
+        resolved = resolve_mesh(ParallelConfig(ep=0, dp_shard=-1), experts, world)
+        assert (resolved.dp_shard, resolved.ep) == want
     with pytest.raises(ConfigError, match="parallel.ep = 3 must divide moe.num_experts = 8"):
         small_config(**{"parallel.ep": "3"})

@@ -20,9 +20,9 @@ def test_fsdp_matches_single_process(world_size):
                       {"moe.aux_free_bias": "true", "moe.bias_update_rate": "0.01", "train.grad_accum": "2"}):
         cfg = small_config(**{"train.steps": str(STEPS), **overrides})
         variants.append((cfg, global_batches(cfg, STEPS, world_size)))
-    results = run_on_ranks(run_variants, world_size, variants)
-    for (cfg, batches), got in zip(variants, results[0]):
-        assert_runs_match(got, reference_run(cfg, batches), rtol=1e-5)
+    per_rank = run_on_ranks(run_variants, world_size, variants)
+    for v, (cfg, batches) in enumerate(variants):
+        assert_runs_match([results[v] for results in per_rank], reference_run(cfg, batches), rtol=1e-5)
 
 
 def compile_worker(rank, world_size, cfg, batches):
@@ -33,5 +33,5 @@ def compile_worker(rank, world_size, cfg, batches):
 def test_compiled_blocks_match_eager():
     cfg = small_config(**{"train.steps": "2", "model.n_layers": "2", "parallel.compile": "true"})
     batches = global_batches(cfg, 2, 1)
-    compiled = run_on_ranks(compile_worker, 1, cfg, batches)[0]
+    compiled = run_on_ranks(compile_worker, 1, cfg, batches)
     assert_runs_match(compiled, reference_run(cfg, batches), rtol=1e-5)

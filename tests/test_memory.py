@@ -21,7 +21,7 @@ def _local_bytes(tensor: torch.Tensor) -> int:
 
 def allocated_worker(rank, world_size, cfg, batches):
     """What this rank really holds after a step: bytes of each parameter shard, of the gradients, of AdamW."""
-    model = build_model(cfg, build_mesh(cfg.parallel, world_size, "cpu"),
+    model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
                         Runtime(rank, world_size, rank, torch.device("cpu")))
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)

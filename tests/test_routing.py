@@ -2,11 +2,13 @@
 
 import pytest
 import torch
+import torch.utils.checkpoint
 
 import kernels.grouped_mm
 from kernels.grouped_mm import BACKENDS, CPU_PADDED_MAX_ROWS, grouped_mm, grouped_swiglu, select_backend
 from kernels.reference import moe_loop
 from kernels.routing import permute, plan_routing, unpermute
+from moe_dist.model.moe import GroupedExperts
 from moe_dist.model.router import capacity_keep
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -145,6 +147,21 @@ def test_backend_probe_is_independent_of_grad_mode(mode):
     try:
         with mode():  # the first query of the process may come from evaluation or generation
             assert select_backend(x, w) == expected
+    finally:
+        kernels.grouped_mm._grouped_mm_runs.cache_clear()
+
+
+def test_backend_probe_inside_a_checkpointed_block():
+    """The first query may come from an activation-checkpointed block's forward: the probe must neither add to
+    what that block saves (its recomputation, probe cached, would save less) nor move the RNG."""
+    experts = GroupedExperts(4, 16, 32)
+    torch.nn.init.normal_(experts.w1), torch.nn.init.normal_(experts.w3), torch.nn.init.normal_(experts.w2)
+    x, counts = torch.randn(80, 16, requires_grad=True), torch.tensor([10, 30, 0, 40])
+    kernels.grouped_mm._grouped_mm_runs.cache_clear()
+    try:
+        rng = torch.get_rng_state()
+        torch.utils.checkpoint.checkpoint(experts, x, counts, use_reentrant=False).sum().backward()
+        assert torch.equal(torch.get_rng_state(), rng)
     finally:
         kernels.grouped_mm._grouped_mm_runs.cache_clear()
 

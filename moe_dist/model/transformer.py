@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
 from dataclasses import dataclass
 
@@ -105,9 +106,10 @@ class Transformer(nn.Module):
     `start_pos`, so that only the new tokens need to be fed.
     """
 
-    def __init__(self, cfg: ModelConfig, moe: MoEConfig):
+    def __init__(self, cfg: ModelConfig, moe: MoEConfig, seed: int = 0):
         super().__init__()
         self.cfg = cfg
+        self.seed = seed
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
         self.layers = nn.ModuleList(Block(i, cfg, moe) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
@@ -115,20 +117,32 @@ class Transformer(nn.Module):
         cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if self.rope_cos.device.type != "meta":  # on meta, whoever materialises the model initialises it
+            self.init_weights()
+
+    def initial_value(self, name: str, shape: torch.Size, device: torch.device | str) -> Tensor:
+        """The initial value of parameter `name`: norms 1, the rest truncated Normal(0, init_std) with residual
+        output projections scaled by 1/sqrt(2 * n_layers), drawn from a generator seeded by (seed, name) alone.
+        So each parameter's value does not depend on how the model is later split over ranks."""
+        if "norm" in name:
+            return torch.ones(shape, device=device)
+        std = self.cfg.init_std
+        scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else 1
+        key = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
+        generator = torch.Generator(device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
+        return nn.init.trunc_normal_(torch.empty(shape, device=device), std=std * scale, a=-3 * std, b=3 * std,
+                                     generator=generator)
 
     @torch.no_grad()
     def init_weights(self) -> None:
-        """Normal(0, init_std); residual output projections scaled by 1/sqrt(2 * n_layers)."""
-        std = self.cfg.init_std
-        residual_std = std / math.sqrt(2 * self.cfg.n_layers)
+        """Every parameter set to its initial_value, then the buffers."""
         for name, param in self.named_parameters():
-            if "norm" in name:
-                nn.init.ones_(param)
-            else:
-                is_residual = name.endswith(("wo.weight", "w2.weight", "experts.w2"))
-                nn.init.trunc_normal_(param, std=residual_std if is_residual else std,
-                                      a=-3 * std, b=3 * std)
+            param.copy_(self.initial_value(name, param.shape, param.device))
+        self.init_buffers()
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The routers' selection biases to zero, the rotary tables computed."""
         for module in self.modules():
             if isinstance(module, MoE):
                 module.router.expert_bias.zero_()

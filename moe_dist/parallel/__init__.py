@@ -6,7 +6,6 @@ import functools
 import math
 
 import torch
-import torch.distributed as dist
 import torch.distributed._functional_collectives as funcol
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.tensor import DTensor
@@ -19,9 +18,12 @@ from moe_dist.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, m
 
 def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
     """Make `model` train on every rank of `mesh` with the numbers one process would get."""
+    # Every rank of ("dp_shard", "ep") reads different tokens: the batch is split over the flattened mesh.
+    batch_mesh = mesh._flatten("batch") if mesh.size() > 1 else mesh
     if mesh.size() > 1:
-        # Every rank reads different tokens: the router's batch statistics are summed over all of them.
-        reduce = functools.partial(funcol.all_reduce, reduceOp="sum", group=dist.group.WORLD)
+        # The router's batch statistics are summed over the ranks that split the batch, not over WORLD, so
+        # that a mesh axis which does not split it (tensor or pipeline parallelism) cannot double-count.
+        reduce = functools.partial(funcol.all_reduce, reduceOp="sum", group=batch_mesh.get_group())
         for moe in moe_layers(model):
             moe.router.all_reduce_stats = reduce
     ep_mesh = mesh["ep"]
@@ -37,7 +39,7 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
     if ep_mesh.size() > 1:
         # An expert sees the tokens of its whole EP group, so its summed gradient is ep times a
         # dense weight's: divide by the world size rather than by the dp_shard ranks alone.
-        apply_fsdp(model, mesh._flatten("world"), mp_policy, mesh["dp_shard"], expert_grad_divide=mesh.size())
+        apply_fsdp(model, batch_mesh, mp_policy, mesh["dp_shard"], expert_grad_divide=mesh.size())
     else:
         apply_fsdp(model, mesh["dp_shard"], mp_policy)
     return model

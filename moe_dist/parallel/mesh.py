@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 from dataclasses import dataclass
@@ -10,7 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
 
-from moe_dist.config import ConfigError, ParallelConfig
+from moe_dist.config import Config, ConfigError, ParallelConfig
 
 
 @dataclass
@@ -46,23 +47,22 @@ def init_distributed(device: str = "auto") -> Runtime:
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
 
 
-def resolve_ep(cfg: ParallelConfig, num_experts: int, world_size: int) -> int:
-    """parallel.ep, with 0 (auto) spreading the experts over as many ranks as divide both."""
-    return cfg.ep if cfg.ep > 0 else math.gcd(world_size, max(num_experts, 1))
-
-
-def mesh_shape(cfg: ParallelConfig, world_size: int) -> tuple[int, int]:
-    """(dp_shard, ep), checked against the world size before any collective runs."""
-    if world_size % cfg.ep != 0:
-        raise ConfigError(f"config: parallel.ep = {cfg.ep} must divide the world size {world_size} "
+def resolve_mesh(cfg: ParallelConfig, num_experts: int, world_size: int) -> ParallelConfig:
+    """`cfg` with ep (0 = auto: as many ranks as divide both the world size and num_experts) and dp_shard
+    (-1 = the rest) resolved for `world_size`; ConfigError, before any collective, when they do not fit.
+    The one place that decides the mesh: the trainer, the memory planner and the benchmarks all use it."""
+    ep = cfg.ep if cfg.ep > 0 else math.gcd(world_size, max(num_experts, 1))
+    if world_size % ep != 0:
+        raise ConfigError(f"config: parallel.ep = {ep} must divide the world size {world_size} "
                           f"(nodes x --nproc_per_node)")
-    dp_shard = world_size // cfg.ep if cfg.dp_shard == -1 else cfg.dp_shard
-    if dp_shard * cfg.ep != world_size:
-        raise ConfigError(f"config: parallel.dp_shard = {cfg.dp_shard} x parallel.ep = {cfg.ep} "
+    dp_shard = world_size // ep if cfg.dp_shard == -1 else cfg.dp_shard
+    if dp_shard * ep != world_size:
+        raise ConfigError(f"config: parallel.dp_shard = {cfg.dp_shard} x parallel.ep = {ep} "
                           f"must equal the world size {world_size} (nodes x --nproc_per_node)")
-    return dp_shard, cfg.ep
+    return dataclasses.replace(cfg, ep=ep, dp_shard=dp_shard)
 
 
-def build_mesh(cfg: ParallelConfig, world_size: int, device_type: str) -> DeviceMesh:
+def build_mesh(cfg: Config, world_size: int, device_type: str) -> DeviceMesh:
     """2-D mesh ("dp_shard", "ep"), ep innermost so an EP group is consecutive ranks."""
-    return init_device_mesh(device_type, mesh_shape(cfg, world_size), mesh_dim_names=("dp_shard", "ep"))
+    parallel = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world_size)
+    return init_device_mesh(device_type, (parallel.dp_shard, parallel.ep), mesh_dim_names=("dp_shard", "ep"))
