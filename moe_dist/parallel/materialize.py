@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import torch
-from torch.distributed.tensor import DTensor, distribute_tensor
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
 from moe_dist.model import Transformer
 
@@ -30,9 +31,11 @@ def materialize(model: Transformer, device: torch.device) -> None:
     for name, param in model.named_parameters():
         full = model.initial_value(plain_name(name), param.shape, device)
         if isinstance(param, DTensor):
-            # src_data_rank=None: every rank already holds the full value; each only cuts out its own part.
-            local = distribute_tensor(full, param.device_mesh, param.placements, src_data_rank=None).to_local()
-            param.to_local().copy_(local)
+            # Every rank already holds the full value, so each copies its own block out of it: DTensor's own
+            # arithmetic for where that block lies (FSDP's and EP's shards nested included), without the extra
+            # copy of the block that distribute_tensor(src_data_rank=None) makes.
+            shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
+            param.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
         else:
             param.copy_(full)
         del full
