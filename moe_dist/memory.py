@@ -1,8 +1,9 @@
 """Per-device memory under FSDP2 + expert parallelism: parameters, gradients, AdamW, buffers, activations.
 
 Shard sizes follow `moe_dist.parallel` exactly: dense tensors are split on dim 0 over all ranks;
-under EP each rank holds E / ep experts, split on dim 0 over the dp_shard ranks that hold the same
-ones; FSDP2 cuts dim 0 like `torch.chunk`, so rank 0 has the largest shard of every tensor.
+under EP each rank holds E / ep experts, split over the dp_shard ranks that hold the same ones, on dim 0
+when they divide evenly and on dim 1 otherwise (`expert_shard_dim`); FSDP2 cuts like `torch.chunk`, so
+rank 0 has the largest shard of every tensor.
 Activations are estimated from what autograd saves in this model's forward (see `activation_bytes`).
 """
 
@@ -18,6 +19,7 @@ from moe_dist.config import Config
 from moe_dist.model import Transformer
 from moe_dist.model.moe import GroupedExperts
 from moe_dist.model.transformer import is_moe_layer
+from moe_dist.parallel.fsdp import expert_shard_dim
 from moe_dist.parallel.mesh import resolve_mesh
 
 FP32 = 4
@@ -44,12 +46,16 @@ def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | 
                      if isinstance(module, GroupedExperts) for name, _ in module.named_parameters()}
     numels = {}
     for name, param in model.named_parameters():
-        per_row = param[0].numel()
-        if name in expert_params and ep > 1:
-            rows = _chunk_rows(param.shape[0] // ep, world // ep, rank // ep)
+        shape = list(param.shape)
+        ranks, index = world, rank
+        if name in expert_params:
+            shape[0] //= ep
+            ranks, index = world // ep, rank // ep
+            dim = expert_shard_dim(shape[0], ranks)
         else:
-            rows = _chunk_rows(param.shape[0], world, rank)
-        numels[name] = rows * per_row
+            dim = 0
+        shape[dim] = _chunk_rows(shape[dim], ranks, index)
+        numels[name] = math.prod(shape)
     return numels
 
 

@@ -9,6 +9,7 @@ from moe_dist.config import Config, load_config
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.expert_parallel import AllToAllDispatcher
+from moe_dist.parallel.fsdp import expert_shard_dim
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
 
@@ -67,11 +68,15 @@ def reference_run(cfg: Config, batches: torch.Tensor) -> tuple[list, dict]:
 def assert_layout(model, ep: int) -> None:
     """The model really runs the layout a test claims: with ep > 1, every MoE layer's experts are DTensors
     sharded on dim 0 over a mesh dim "ep" of that size and tokens go through the all-to-all dispatcher (so
-    FSDP alone cannot pass an EP test); with ep = 1, no layer is expert-parallel."""
+    FSDP alone cannot pass an EP test); with ep = 1, no layer is expert-parallel. FSDP cuts the experts on
+    the dim `expert_shard_dim` names."""
     for moe in moe_layers(model):
         assert isinstance(moe.dispatch, AllToAllDispatcher) == (ep > 1), moe.dispatch
         for name, w in moe.experts.named_parameters():
             names = w.device_mesh.mesh_dim_names
+            if "dp_shard" in names:  # FSDP's cut: dim 1 where the local experts do not divide over its ranks
+                i = names.index("dp_shard")
+                assert w.placements[i].dim == expert_shard_dim(w.shape[0] // ep, w.device_mesh.size(i)), name
             if ep == 1:
                 assert "ep" not in names or w.device_mesh.size(names.index("ep")) == 1, (name, names)
                 continue

@@ -107,6 +107,20 @@ def test_ten_steps_follow_single_process(world_size, ep):
 
 
 @pytest.mark.slow
+def test_experts_that_do_not_divide_over_their_shard_ranks():
+    """6 experts at ep 2 x dp_shard 2: each EP rank's 3 experts are cut on dim 1 by FSDP (checked by
+    assert_layout), with gradient clipping on, three steps."""
+    cfg = small_config(**{"train.steps": "3", "moe.num_experts": "6", "moe.top_k": "2", "optim.grad_clip": "0.05"})
+    batches = global_batches(cfg, 3, 4)
+    cfg.parallel.ep = 2
+    got = run_on_ranks(trajectory_worker, 4, cfg, batches)
+    cfg.parallel.ep = 1
+    want = reference_run(cfg, batches)
+    assert all(step.grad_norm > 0.05 for step in want[0])  # clipping really scales the update
+    assert_runs_match(got, want, rtol=1e-4)
+
+
+@pytest.mark.slow
 @pytest.mark.parametrize("ep", [2, 4])
 def test_everything_at_once_over_several_steps(ep):
     """Gradient accumulation x activation checkpointing x capacity (tokens dropped) x a learning aux-free bias,

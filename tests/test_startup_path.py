@@ -13,13 +13,17 @@ from moe_dist.model import Transformer
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
 
-LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 2), (4, 4)]  # (world size, ep); dp_shard is the rest
+LAYOUTS = [(1, 1), (2, 1), (2, 2), (4, 1), (4, 2), (4, 4)]  # (world size, ep); dp_shard is the rest
 
 
-def configs():
-    """The test config (with a shared expert and a dense first layer) and tiny, both with an aux-free bias."""
-    return [small_config(**{"moe.shared_expert_hidden": "32", "moe.aux_free_bias": "true", "train.seed": "5"}),
+def configs(ep: int):
+    """The test config (with a shared expert and a dense first layer) and tiny, both with an aux-free bias; where
+    ep divides 6, the test config with 6 experts too (at world 4, FSDP cuts those on dim 1)."""
+    cfgs = [small_config(**{"moe.shared_expert_hidden": "32", "moe.aux_free_bias": "true", "train.seed": "5"}),
             load_config("tiny", {"moe.aux_free_bias": "true", "parallel.ep": "1"})]
+    if 6 % ep == 0:
+        cfgs.append(small_config(**{"moe.num_experts": "6", "moe.top_k": "2"}))
+    return cfgs
 
 
 def initial_weights_worker(rank, world_size, ep, cfgs):
@@ -37,7 +41,7 @@ def initial_weights_worker(rank, world_size, ep, cfgs):
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size, ep", LAYOUTS)
 def test_initial_weights_are_bit_identical_at_every_layout(world_size, ep):
-    cfgs = configs()
+    cfgs = configs(ep)
     per_rank = run_on_ranks(initial_weights_worker, world_size, ep, cfgs)
     for c, cfg in enumerate(cfgs):
         reference = full_parameters(Transformer(cfg.model, cfg.moe, seed=cfg.train.seed))
