@@ -38,13 +38,13 @@ def meta_model(cfg: Config) -> Transformer:
         return Transformer(cfg.model, cfg.moe)
 
 
-def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> dict[str, int]:
-    """{parameter name: elements of its local shard on `rank`} for a run of `world` ranks (model: cfg's, on meta)."""
+def local_shard_shapes(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> dict[str, tuple]:
+    """{parameter name: shape of its local shard on `rank`} for a run of `world` ranks (model: cfg's, on meta)."""
     ep = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world).ep
     model = model if model is not None else meta_model(cfg)
     expert_params = {f"{module_name}.{name}" for module_name, module in model.named_modules()
                      if isinstance(module, GroupedExperts) for name, _ in module.named_parameters()}
-    numels = {}
+    shapes = {}
     for name, param in model.named_parameters():
         shape = list(param.shape)
         ranks, index = world, rank
@@ -55,8 +55,20 @@ def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | 
         else:
             dim = 0
         shape[dim] = _chunk_rows(shape[dim], ranks, index)
-        numels[name] = math.prod(shape)
-    return numels
+        shapes[name] = tuple(shape)
+    return shapes
+
+
+def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> dict[str, int]:
+    return {name: math.prod(shape) for name, shape in local_shard_shapes(cfg, world, rank, model).items()}
+
+
+def shard_bytes(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> tuple[int, int, int]:
+    """(parameters, gradients, AdamW states) bytes on `rank`: fp32 shards, and AdamW's two moments plus a
+    step scalar per tensor."""
+    numels = local_shard_numels(cfg, world, rank, model)
+    params = FP32 * sum(numels.values())
+    return params, params, 2 * params + FP32 * len(numels)
 
 
 def activation_dtype_bytes(cfg: Config, device_type: str) -> int:
@@ -118,8 +130,7 @@ def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPla
     parallel = resolve_mesh(cfg.parallel, cfg.moe.num_experts, world)
     dp_shard, ep = parallel.dp_shard, parallel.ep
     model = meta_model(cfg)
-    shards = local_shard_numels(cfg, world, rank=0, model=model)
-    shard_bytes = FP32 * sum(shards.values())
+    params, grads, optimizer = shard_bytes(cfg, world, rank=0, model=model)
 
     act = activation_dtype_bytes(cfg, device_type)
     root = sum(p.numel() for name, p in model.named_parameters() if not name.startswith("layers."))
@@ -134,8 +145,7 @@ def plan_memory(cfg: Config, world: int, device_type: str = "cuda") -> MemoryPla
     buffers = (root + 2 * max(block_numels)) * act + max(block_numels) * reduce
 
     blocks, checkpointed, head = activation_bytes(cfg, act)
-    return MemoryPlan(world, dp_shard, ep, params=shard_bytes, grads=shard_bytes,
-                      optimizer=2 * shard_bytes + FP32 * len(shards), buffers=buffers,
+    return MemoryPlan(world, dp_shard, ep, params=params, grads=grads, optimizer=optimizer, buffers=buffers,
                       activations=blocks + head, activations_checkpointed=checkpointed + head)
 
 

@@ -1,4 +1,5 @@
-"""python -m moe_dist.params --config 3b [--world 8 --ep 8 --device-memory 80GiB]: parameters, FLOPs, memory."""
+"""python -m moe_dist.params --config 3b [--world 8 --ep 8 --device-memory 80GiB --simulate]: parameters, FLOPs,
+memory; --simulate builds a few of the world's ranks on a fake process group and checks their shards."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import sys
 from moe_dist.config import Config, ConfigError, load_config, parse_args
 from moe_dist.memory import HEADROOM, MemoryPlan, activation_dtype_bytes, gib, meta_model, parse_bytes, plan_memory
 from moe_dist.model.transformer import is_moe_layer
+from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
 
 
 def count_params(cfg: Config) -> dict[str, tuple[int, int]]:
@@ -79,7 +81,8 @@ def print_memory_plan(cfg: Config, plan: MemoryPlan, device_memory: int | None) 
 def main(argv: list[str] | None = None) -> int:
     try:
         name, overrides, options = parse_args(sys.argv[1:] if argv is None else argv, "params",
-                                              {"world": True, "ep": True, "device-memory": True})
+                                              {"world": True, "ep": True, "device-memory": True,
+                                               "simulate": False})
         if "ep" in options:
             overrides["parallel.ep"] = options["ep"]
         cfg = load_config(name or "tiny", overrides)
@@ -110,7 +113,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     print(f"meta-device model: sum(p.numel()) = {numel:,} (matches)")
     print_memory_plan(cfg, plan, device_memory)
-    return 0
+    return print_simulation(cfg, world) if options.get("simulate") else 0
+
+
+def print_simulation(cfg: Config, world: int) -> int:
+    """Simulated ranks against the plan, one row each; 1 when any differs (a bug in moe_dist)."""
+    print("\nsimulated ranks (fake process group, meta tensors), MiB simulated / planned")
+    print(f"  {'rank':>6} {'parameters':>19} {'gradients':>19} {'AdamW states':>19}  shard shapes")
+    failed = False
+    for rank in simulated_ranks(world):
+        got, want = simulate_rank(cfg, world, rank), planned_rank(cfg, world, rank)
+        pairs = [(got.params, want.params), (got.grads, want.grads), (got.optimizer, want.optimizer)]
+        differ = sorted(n for n in want.shapes.keys() | got.shapes.keys() if got.shapes.get(n) != want.shapes.get(n))
+        same = not differ and all(a == b for a, b in pairs)
+        cells = "".join(f" {f'{a / 2**20:.1f} / {b / 2**20:.1f}':>19}" for a, b in pairs)
+        print(f"  {rank:>6}{cells}  {'as planned' if same else 'DIFFER: ' + ', '.join(differ[:3])}")
+        failed |= not same
+    if failed:
+        print("params: the simulated shards differ from the plan", file=sys.stderr)
+    return int(failed)
 
 
 def _positive_int(option: str, text: str) -> int:
