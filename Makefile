@@ -6,7 +6,7 @@ NPROC ?= 8
 ARGS ?=
 BIN := $(VENV)/bin
 
-.PHONY: install train test bench clean
+.PHONY: install train test bench gpu-check clean
 
 # torch goes first, from $(TORCH), so the project's `torch>=2.6` is already satisfied and pip
 # never pulls a multi-GB CUDA build on a CPU machine.
@@ -28,6 +28,11 @@ test: install
 # full sweeps. Markdown tables on stdout, JSON in benchmarks/results/.
 bench: install
 	$(BIN)/python -m benchmarks $(ARGS)
+
+# The CUDA path on the GPUs at hand: kernel parity, grouped-GEMM speedup, bf16 MFU, NCCL equivalence
+# (a few minutes on one GPU; one line and exit 0 without one). JSON and markdown in benchmarks/results/.
+gpu-check: install
+	$(BIN)/python -m benchmarks.gpu_check
 
 clean:
 	rm -rf runs .pytest_cache

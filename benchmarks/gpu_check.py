@@ -1,0 +1,150 @@
+"""python -m benchmarks.gpu_check (`make gpu-check`): the CUDA path in one command, a few minutes on one GPU.
+
+1. The routing kernels' parity with the per-expert loop on CUDA, fp32 and bf16 (output and all gradients).
+2. The grouped-GEMM routing speedup over the loop at E=64 and E=128 (target: >= 5x).
+3. One training step of the small config in bf16 with compiled blocks: MFU against the device's bf16 peak
+   (target: >= 40%).
+4. With two or more GPUs: FSDP2 and EP on NCCL against one GPU on the same global batch (fp32, TF32 off).
+
+Writes gpu_check-<date>.json and gpu_check-latest.md in benchmarks/results/. Without a CUDA device it says so
+in one line and exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+from benchmarks.common import RESULTS_DIR, datasheet_peak, environment, markdown_table, matmul_flops, write_results
+from benchmarks.routing import Case, check, make_layer, run_case, working_backends
+from benchmarks.train_step import Run, run_config
+from moe_dist.config import load_config
+from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.train import build_model, train_step
+
+SPEEDUP_TARGET = 5.0
+MFU_TARGET = 0.40
+EQUIVALENCE_STEPS = 3
+EQUIVALENCE_RTOL = 1e-4
+
+
+def kernel_parity(device: torch.device) -> list[list]:
+    """[dtype, E, backend, worst relative error] for each backend that runs; raises past the tolerance."""
+    rows = []
+    for dtype in (torch.float32, torch.bfloat16):
+        for experts in (8, 64, 128):
+            layer = make_layer(Case(4096, experts, 2, 512, 1024), device, dtype)
+            for backend, error in check(layer, working_backends(layer)).items():
+                rows.append([str(dtype).removeprefix("torch."), experts, backend, f"{error:.1e}"])
+    return rows
+
+
+def routing_speedups(device: torch.device) -> list[dict]:
+    """fwd+bwd speedup of the batched layer (auto backend) over the loop, bf16, the small config's widths."""
+    results = []
+    for experts in (64, 128):
+        fwd_bwd = run_case(Case(8192, experts, 2, 512, 1024), device, torch.bfloat16, repeats=10, budget_s=5.0)[-1]
+        results.append({"experts": experts, "backend": fwd_bwd["auto_backend"],
+                        "speedup": fwd_bwd["speedup"][fwd_bwd["auto_backend"]]})
+    return results
+
+
+def train_step_mfu(device: torch.device) -> dict:
+    """The small config, bf16 parameters (the CUDA default), compiled blocks, one process."""
+    peak = datasheet_peak(device) or matmul_flops(device, torch.bfloat16)
+    try:
+        _, result = run_config(Run("small", steps=10), device, compile_blocks=True)
+    finally:
+        dist.destroy_process_group()  # run_config's one-rank group; the NCCL checks start their own
+    return {**result, "peak_flops": peak, "mfu": result["tokens_per_s"] * result["flops_per_token"] / peak}
+
+
+def equivalence_run(rank: int, world: int, ep: int, store: str, out: str) -> None:
+    """EQUIVALENCE_STEPS fp32 steps on this rank's part of fixed global batches; rank 0 writes the results."""
+    torch.cuda.set_device(rank)
+    torch.backends.cuda.matmul.allow_tf32 = False
+    torch.backends.cudnn.allow_tf32 = False
+    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    try:
+        cfg = load_config("tiny", {"parallel.ep": str(ep), "parallel.param_dtype": "float32", "moe.top_k": "2"})
+        device = torch.device("cuda", rank)
+        model = build_model(cfg, build_mesh(cfg, world, "cuda"), Runtime(rank, world, rank, device))
+        optimizer = build_optimizer(model, cfg.optim, device)
+        scheduler = build_scheduler(optimizer, cfg.optim, EQUIVALENCE_STEPS)
+        per_rank = 4 // world
+        g = torch.Generator().manual_seed(0)
+        steps = []
+        for _ in range(EQUIVALENCE_STEPS):
+            tokens = torch.randint(cfg.model.vocab_size, (4, 65), generator=g)[rank * per_rank:(rank + 1) * per_rank]
+            tokens = tokens.to(device)
+            result = train_step(model, optimizer, scheduler, [(tokens[:, :-1], tokens[:, 1:])], cfg.optim.grad_clip)
+            steps.append([result.loss, result.grad_norm])
+        if rank == 0:
+            torch.save(steps, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def nccl_equivalence() -> list[list]:
+    """[layout, worst relative difference from one GPU] for FSDP2 and EP layouts that the GPUs allow."""
+    gpus = torch.cuda.device_count()
+    layouts = [(1, 1)] + [(w, ep) for w, ep in ((2, 1), (2, 2), (4, 2), (4, 4)) if w <= gpus]
+    runs = {}
+    for world, ep in layouts:
+        with tempfile.TemporaryDirectory() as tmp:
+            out = os.path.join(tmp, "steps.pt")
+            mp.spawn(equivalence_run, args=(world, ep, os.path.join(tmp, "store"), out), nprocs=world)
+            runs[(world, ep)] = torch.load(out)
+    reference = runs.pop((1, 1))
+    rows = []
+    for (world, ep), steps in runs.items():
+        worst = max(abs(a - b) / abs(b) for got, want in zip(steps, reference) for a, b in zip(got, want))
+        rows.append([f"world {world}, ep {ep}", f"{worst:.1e}", "ok" if worst <= EQUIVALENCE_RTOL else "DIFFERS"])
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    if not torch.cuda.is_available():
+        print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
+        return 0
+    device = torch.device("cuda")
+    env = environment(device)
+    parity = kernel_parity(device)
+    speedups = routing_speedups(device)
+    step = train_step_mfu(device)
+    equivalence = nccl_equivalence() if torch.cuda.device_count() > 1 else []
+    lines = [f"## gpu-check: {env['device']} x {torch.cuda.device_count()}, torch {env['torch']}, {env['date']}", "",
+             "Kernel parity with the per-expert loop (T=4096, k=2, D=512, H=1024; worst relative error of the "
+             "output and five gradients):", "",
+             markdown_table(["dtype", "E", "backend", "error"], parity), "",
+             markdown_table(["routing, bf16, T=8192 k=2 D=512 H=1024, fwd+bwd", "backend", "speedup over the loop",
+                             f"target >= {SPEEDUP_TARGET:.0f}x"],
+                            [[f"E={r['experts']}", r["backend"], f"{r['speedup']:.1f}x",
+                              "met" if r["speedup"] >= SPEEDUP_TARGET else "NOT met"] for r in speedups]), "",
+             markdown_table(["train step, small config, bf16, compiled", "tokens/s", "peak TFLOP/s", "MFU",
+                             f"target >= {MFU_TARGET:.0%}"],
+                            [["1 GPU", f"{step['tokens_per_s']:.0f}", f"{step['peak_flops'] / 1e12:.0f}",
+                              f"{step['mfu']:.1%}", "met" if step["mfu"] >= MFU_TARGET else "NOT met"]]), ""]
+    if equivalence:
+        lines += [markdown_table([f"NCCL vs one GPU, tiny, fp32, {EQUIVALENCE_STEPS} steps (loss, grad norm)",
+                                  "worst relative difference", f"<= {EQUIVALENCE_RTOL:.0e}"], equivalence), ""]
+    else:
+        lines += ["NCCL equivalence: one GPU only, not run.", ""]
+    report = "\n".join(lines)
+    print(report)
+    path = write_results("gpu_check", {**env, "gpus": torch.cuda.device_count(), "parity": parity,
+                                       "routing_speedups": speedups, "train_step": step, "equivalence": equivalence})
+    (RESULTS_DIR / "gpu_check-latest.md").write_text(report + "\n")
+    print(f"results: {path}")
+    failed = any(row[-1] == "DIFFERS" for row in equivalence)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
