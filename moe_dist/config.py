@@ -56,6 +56,12 @@ class MoEConfig:
     bias_update_rate: float = num(0.001, "[0, inf)")
     capacity_factor: float = num(0.0, "[0, inf)")  # 0 = dropless; else tokens per expert per sequence are capped
     shared_expert_hidden: int = num(0, "[0, inf)")  # 0 = no shared expert
+    # DeepSeek-V3 routing: experts in n_group equal groups, a token routed within its topk_group best groups
+    # (with EP groups aligned to ranks, node-limited routing); combine weights scaled by routed_scaling_factor.
+    n_group: int = num(1, "[1, inf)")
+    topk_group: int = num(1, "[1, inf)")
+    routed_scaling_factor: float = num(1.0, "(0, inf)")
+    seq_aux_loss_coef: float = num(0.0, "[0, inf)")  # the load-balancing loss per sequence, averaged
     grouped_mm_backend: str = "auto"  # auto | grouped_mm | padded | loop
 
 
@@ -318,6 +324,13 @@ def validate(cfg: Config) -> None:
     if moe.num_experts > 0:
         _check(moe.top_k <= moe.num_experts,
                f"moe.top_k = {moe.top_k} must be between 1 and moe.num_experts = {moe.num_experts}")
+        _check(moe.num_experts % moe.n_group == 0,
+               f"moe.n_group = {moe.n_group} must divide moe.num_experts = {moe.num_experts}")
+        _check(moe.topk_group <= moe.n_group,
+               f"moe.topk_group = {moe.topk_group} must be between 1 and moe.n_group = {moe.n_group}")
+        _check(moe.top_k <= moe.topk_group * (moe.num_experts // moe.n_group),
+               f"moe.top_k = {moe.top_k} must be at most the experts in moe.topk_group = {moe.topk_group} groups "
+               f"({moe.topk_group * (moe.num_experts // moe.n_group)})")
         _check(moe.first_k_dense <= m.n_layers,
                f"moe.first_k_dense = {moe.first_k_dense} must be between 0 and model.n_layers = {m.n_layers}")
         _check(p.ep == 0 or moe.num_experts % p.ep == 0,

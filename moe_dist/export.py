@@ -116,6 +116,10 @@ def hf_blocker(cfg: Config, model: Transformer) -> str | None:
         return f"moe.score_func = {moe.score_func!r} (Mixtral routes with softmax)"
     if not moe.renormalize:
         return "moe.renormalize = false (Mixtral renormalises the top-k weights)"
+    if moe.topk_group < moe.n_group:
+        return f"moe.topk_group = {moe.topk_group} < moe.n_group = {moe.n_group} (Mixtral routes over all experts)"
+    if moe.routed_scaling_factor != 1:
+        return f"moe.routed_scaling_factor = {moe.routed_scaling_factor} (Mixtral does not scale the weights)"
     if moe.shared_expert_hidden:
         return f"moe.shared_expert_hidden = {moe.shared_expert_hidden} (Mixtral has no shared expert)"
     if moe.capacity_factor:

@@ -20,6 +20,9 @@ ROUTINGS = [
     {"moe.top_k": "2", "skew": True},  # the last two experts get no tokens at all
     {"moe.top_k": "1", "moe.capacity_factor": "0.5"},
     {"moe.top_k": "2", "moe.num_experts": "4"},  # at ep = 4, one expert per rank
+    # DeepSeek-V3 routing: groups of 2 experts, the best 2 of 4 groups, scaled weights, sequence-level aux loss
+    {"moe.top_k": "2", "moe.score_func": "sigmoid", "moe.n_group": "4", "moe.topk_group": "2",
+     "moe.routed_scaling_factor": "2.5", "moe.seq_aux_loss_coef": "0.01"},
 ]
 
 

@@ -114,6 +114,8 @@ def test_hf_export_matches_transformers_mixtral(tmp_path, overrides):
     ({"moe.score_func": "sigmoid"}, "moe.score_func"),
     ({"moe.renormalize": "false"}, "moe.renormalize"),
     ({"moe.num_experts": "0"}, "moe.num_experts"),
+    ({"moe.n_group": "2", "moe.topk_group": "1"}, "moe.topk_group"),
+    ({"moe.routed_scaling_factor": "2"}, "moe.routed_scaling_factor"),
 ])
 def test_hf_export_of_unmappable_config_names_the_key(tmp_path, capsys, overrides, key):
     run, _ = make_run(tmp_path / "run", **overrides)

@@ -87,3 +87,63 @@ def test_bias_untouched_without_aux_free():
     router = make_router(aux_free_bias=False)
     router.update_expert_bias(torch.tensor([10.0, 0.0]))
     assert router.expert_bias.abs().sum() == 0
+
+
+def deepseek_reference(scores, bias, n_group, topk_group, top_k, scale):
+    """Group-limited top-k token by token, in plain Python: group score = its two best biased scores."""
+    ids, weights = [], []
+    for row in scores.tolist():
+        biased = [s + b for s, b in zip(row, bias.tolist())]
+        size = len(row) // n_group
+        group_score = [sum(sorted(biased[g * size:(g + 1) * size], reverse=True)[:2]) for g in range(n_group)]
+        groups = sorted(range(n_group), key=lambda g: -group_score[g])[:topk_group]
+        allowed = [e for g in groups for e in range(g * size, (g + 1) * size)]
+        chosen = sorted(allowed, key=lambda e: -biased[e])[:top_k]
+        total = sum(row[e] for e in chosen)
+        ids.append(sorted(chosen))
+        weights.append({e: scale * row[e] / total for e in chosen})
+    return ids, weights
+
+
+def test_group_limited_routing_and_scaling_match_a_direct_computation():
+    torch.manual_seed(0)
+    router = make_router(dim=16, num_experts=16, top_k=4, score_func="sigmoid", renormalize=True,
+                         aux_free_bias=True, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    torch.nn.init.normal_(router.gate.weight)
+    router.expert_bias.copy_(torch.randn(16) * 0.3)
+    x = torch.randn(64, 16)
+    out = router(x, seq_len=16)
+    scores = router.gate(x).sigmoid()
+    want_ids, want_weights = deepseek_reference(scores, router.expert_bias, 4, 2, 4, 2.5)
+    for t, (got_ids, got_w) in enumerate(zip(out.expert_ids.tolist(), out.weights.tolist())):
+        assert sorted(got_ids) == want_ids[t], t
+        for e, w in zip(got_ids, got_w):
+            assert math.isclose(w, want_weights[t][e], rel_tol=1e-5), (t, e)
+        assert len({e // 4 for e in got_ids}) <= 2  # at most topk_group groups
+    # The limit really binds: without it some token picks experts from a third group.
+    free = make_router(dim=16, num_experts=16, top_k=4, score_func="sigmoid", aux_free_bias=True)
+    free.load_state_dict(router.state_dict())
+    assert any(len({e // 4 for e in ids}) > 2 for ids in free(x, seq_len=16).expert_ids.tolist())
+
+
+def test_sequence_level_aux_loss_matches_a_direct_computation():
+    torch.manual_seed(1)
+    router = make_router(dim=8, num_experts=8, top_k=2, score_func="sigmoid", aux_loss_coef=0.0, z_loss_coef=0.0,
+                         seq_aux_loss_coef=0.3)
+    torch.nn.init.normal_(router.gate.weight)
+    x = torch.randn(3 * 10, 8)  # three sequences of 10 tokens
+    out = router(x, seq_len=10)
+    scores = router.gate(x).sigmoid()
+    probs = scores / scores.sum(-1, keepdim=True)
+    per_sequence = []
+    for s in range(3):
+        ids = out.expert_ids[s * 10:(s + 1) * 10].reshape(-1).tolist()
+        f = [8 * ids.count(e) / (2 * 10) for e in range(8)]  # DeepSeek-V3: f_i = E / (k T) * count_i
+        p = probs[s * 10:(s + 1) * 10].mean(0).tolist()
+        per_sequence.append(sum(fi * pi for fi, pi in zip(f, p)))
+    want = 0.3 * sum(per_sequence) / 3
+    assert math.isclose(out.aux_loss.item(), want, rel_tol=1e-5)
+    # It differs from the batch-level loss, which pools the sequences.
+    assert not math.isclose(out.aux_loss.item(), 0.3 * out.load_balance_loss.item(), rel_tol=1e-3)
+    out.aux_loss.backward()
+    assert router.gate.weight.grad.abs().sum() > 0
