@@ -25,6 +25,7 @@ from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
 from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
 from moe_dist.files import default_file_mode, staging_dir, swap_in, unwritable_reason
+from moe_dist.hf.config import mixtral_values
 from moe_dist.model import Transformer
 from moe_dist.model.transformer import is_moe_layer
 
@@ -153,15 +154,10 @@ def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, Tensor]:
 
 def hf_config(cfg: Config, dtype: str, eos: int | None) -> dict:
     """config.json for transformers' MixtralForCausalLM."""
-    m, moe = cfg.model, cfg.moe
     return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "torch_dtype": dtype,
-        "vocab_size": m.vocab_size, "hidden_size": m.dim, "intermediate_size": moe.expert_hidden,
-        "num_hidden_layers": m.n_layers, "num_attention_heads": m.n_heads, "num_key_value_heads": m.n_kv_heads,
-        "head_dim": m.dim // m.n_heads, "hidden_act": "silu", "max_position_embeddings": m.max_seq_len,
-        "rms_norm_eps": m.norm_eps, "rope_theta": m.rope_theta, "initializer_range": m.init_std,
-        "num_local_experts": moe.num_experts, "num_experts_per_tok": moe.top_k,
-        "router_aux_loss_coef": moe.aux_loss_coef, "router_jitter_noise": 0.0, "output_router_logits": False,
+        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "torch_dtype": dtype, **mixtral_values(cfg),
+        "head_dim": cfg.model.dim // cfg.model.n_heads, "hidden_act": "silu",
+        "router_jitter_noise": 0.0, "output_router_logits": False,
         "sliding_window": None, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
         # Our tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
         "bos_token_id": eos, "eos_token_id": eos,

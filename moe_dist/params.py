@@ -1,11 +1,13 @@
 """python -m moe_dist.params --config 3b [--world 8 --ep 8 --device-memory 80GiB --simulate]: parameters, FLOPs,
-memory; --simulate builds a few of the world's ranks on a fake process group and checks their shards."""
+memory; --config also takes a Hugging Face model dir (config.json); --simulate builds a few of the world's ranks
+on a fake process group and checks their shards."""
 
 from __future__ import annotations
 
 import sys
 
 from moe_dist.config import Config, ConfigError, load_config, parse_args
+from moe_dist.hf.config import config_from_hf, is_hf_dir
 from moe_dist.memory import HEADROOM, MemoryPlan, activation_dtype_bytes, gib, meta_model, parse_bytes, plan_memory
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
@@ -85,7 +87,7 @@ def main(argv: list[str] | None = None) -> int:
                                                "simulate": False})
         if "ep" in options:
             overrides["parallel.ep"] = options["ep"]
-        cfg = load_config(name or "tiny", overrides)
+        cfg = config_from_hf(name, overrides) if is_hf_dir(name) else load_config(name or "tiny", overrides)
         # Without --world: the smallest world the config's mesh fits.
         smallest = max(cfg.parallel.ep, 1) * max(cfg.parallel.dp_shard, 1)
         world = _positive_int("--world", options.get("world", str(smallest)))

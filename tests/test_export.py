@@ -15,6 +15,7 @@ from moe_dist import export
 from moe_dist.checkpoint import seal
 from moe_dist.config import load_config, to_toml
 from moe_dist.data.tokenizer import load_tokenizer, train_tokenizer
+from moe_dist.hf.config import config_from_hf
 from moe_dist.model import Transformer
 
 # A Mixtral-shaped model (every layer MoE) small enough to build, save and export in well under a second.
@@ -95,6 +96,10 @@ def test_hf_export_matches_transformers_mixtral(tmp_path, overrides):
     assert {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"} <= {
         p.name for p in out.iterdir()}
     assert "model.layers.1.block_sparse_moe.experts.3.w2.weight" in load_file(out / "model.safetensors")
+    back = config_from_hf(out)  # the config survives the round trip, aux coefficient converted and back
+    assert (back.model, back.moe.num_experts, back.moe.top_k, back.moe.expert_hidden) == (
+        model.cfg, 4, int(overrides.get("moe.top_k", 2)), 48)
+    assert back.moe.aux_loss_coef == pytest.approx(load_config(str(run / "config.toml")).moe.aux_loss_coef)
 
     hf = transformers.MixtralForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     tokens = torch.randint(0, 320, (2, 40))

@@ -1,0 +1,1 @@
+"""Hugging Face model directories: their config.json as a moe_dist config."""
