@@ -20,12 +20,11 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from torch.distributed.tensor import DTensor
 
 from benchmarks.common import environment, markdown_table, parser, setup, write_results
 from moe_dist.config import load_config
 from moe_dist.model import Transformer
-from moe_dist.parallel import parallelize
+from moe_dist.parallel import local_part, parallelize
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model
 
@@ -87,7 +86,7 @@ def rank_main(rank: int, world: int, config: str, startup: str, device_type: str
         model = build(cfg, mesh, runtime)
         grown = peak(device) - before
         params = list(model.parameters())
-        shard_bytes = sum((p.to_local() if isinstance(p, DTensor) else p).nbytes for p in params)
+        shard_bytes = sum(local_part(p).nbytes for p in params)
         shard_bytes += sum(b.nbytes for b in model.buffers())
         largest = max(p.numel() * p.element_size() for p in params)
         result = torch.tensor([grown, shard_bytes, largest], dtype=torch.float64)

@@ -13,14 +13,13 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.testing._internal.distributed.fake_pg import FakeStore  # registers the "fake" backend
 
 from moe_dist.config import Config
-from moe_dist.memory import local_shard_shapes, shard_bytes
+from moe_dist.memory import local_shard_shapes, meta_model, shard_bytes
 from moe_dist.model import Transformer
 from moe_dist.optim import build_optimizer
-from moe_dist.parallel import parallelize
+from moe_dist.parallel import local_part, parallelize
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import build_mesh
 
@@ -37,12 +36,8 @@ class RankShards:
     optimizer: int
 
 
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if isinstance(t, DTensor) else t
-
-
 def _nbytes(tensors) -> int:
-    return sum(math.prod(_local(t).shape) * t.element_size() for t in tensors)
+    return sum(math.prod(local_part(t).shape) * t.element_size() for t in tensors)
 
 
 def simulate_rank(cfg: Config, world: int, rank: int) -> RankShards:
@@ -61,7 +56,7 @@ def simulate_rank(cfg: Config, world: int, rank: int) -> RankShards:
         optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
         optimizer.step()
         states = [t for state in optimizer.state.values() for t in state.values()]
-        return RankShards(rank, {plain_name(n): tuple(_local(p).shape) for n, p in model.named_parameters()},
+        return RankShards(rank, {plain_name(n): tuple(local_part(p).shape) for n, p in model.named_parameters()},
                           params=_nbytes(params), grads=_nbytes(p.grad for p in params),
                           optimizer=_nbytes(states))
     finally:
@@ -70,7 +65,8 @@ def simulate_rank(cfg: Config, world: int, rank: int) -> RankShards:
 
 def planned_rank(cfg: Config, world: int, rank: int) -> RankShards:
     """The same figures from the memory planner."""
-    return RankShards(rank, local_shard_shapes(cfg, world, rank), *shard_bytes(cfg, world, rank))
+    model = meta_model(cfg)
+    return RankShards(rank, local_shard_shapes(cfg, world, rank, model), *shard_bytes(cfg, world, rank, model))
 
 
 def simulated_ranks(world: int) -> list[int]:

@@ -15,7 +15,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule
-from torch.distributed.tensor import DTensor
 
 from moe_dist.checkpoint import CheckpointError, latest_checkpoint, step_dir_name
 from moe_dist.cli import error_line
@@ -26,7 +25,7 @@ from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
-from moe_dist.parallel import clip_grad_norm_, parallelize
+from moe_dist.parallel import clip_grad_norm_, local_part, parallelize
 from moe_dist.parallel.materialize import materialize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolve_mesh
 from moe_dist.params import count_params, training_flops_per_token
@@ -132,7 +131,7 @@ def to_device(batch: Batch, device: torch.device) -> Batch:
 @torch.no_grad()
 def weights_finite(model: nn.Module) -> bool:
     """Every rank's shard of every parameter is finite (one all-reduce): weights that are not are never saved."""
-    local = [(p.to_local() if isinstance(p, DTensor) else p).isfinite().all() for p in model.parameters()]
+    local = [local_part(p).isfinite().all() for p in model.parameters()]
     flag = torch.stack(local).all().float().cpu().reshape(1)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return flag.item() == 1.0

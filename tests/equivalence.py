@@ -10,6 +10,7 @@ from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.expert_parallel import AllToAllDispatcher
 from moe_dist.parallel.fsdp import expert_shard_dim
+from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
 
@@ -55,7 +56,7 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
     out = {}
     for name, t in list(model.named_parameters()) + list(model.named_buffers()):
         t = t.full_tensor() if isinstance(t, DTensor) else t
-        out[name.replace("_checkpoint_wrapped_module.", "")] = t.detach().clone()
+        out[plain_name(name)] = t.detach().clone()
     return out
 
 

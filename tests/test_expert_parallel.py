@@ -9,6 +9,7 @@ from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distribu
                          reference_run, small_config, split)
 from moe_dist.config import ConfigError, ParallelConfig
 from moe_dist.model import Transformer, moe_layers
+from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh, resolve_mesh
 from moe_dist.train import build_model, loss_fn, mean_over_ranks
 
@@ -46,7 +47,7 @@ def forward_backward(model, inputs, targets) -> dict:
     grads = {}
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
-        grads[name.replace("_checkpoint_wrapped_module.", "")] = g.clone()
+        grads[plain_name(name)] = g.clone()
     return {"logits": logits.detach(), "loss": mean_over_ranks(ce.detach()), "aux_loss": aux_loss.item(),
             "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
 

@@ -2,20 +2,20 @@
 
 import pytest
 import torch
-from torch.distributed.tensor import DTensor
 
 from distributed import run_on_ranks
 from equivalence import MICRO_BATCH, global_batches, small_config, split
 from moe_dist.memory import FP32, activation_bytes, local_shard_numels, parse_bytes, plan_memory
 from moe_dist.model import Transformer
 from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.parallel import local_part
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.params import main
 from moe_dist.train import build_model, loss_fn, train_step
 
 
 def _local_bytes(tensor: torch.Tensor) -> int:
-    local = tensor.to_local() if isinstance(tensor, DTensor) else tensor
+    local = local_part(tensor)
     return local.numel() * local.element_size()
 
 

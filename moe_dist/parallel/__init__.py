@@ -16,6 +16,11 @@ from moe_dist.parallel.expert_parallel import apply_expert_parallel
 from moe_dist.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision
 
 
+def local_part(tensor: torch.Tensor) -> torch.Tensor:
+    """This rank's part of a DTensor; a plain tensor as it is."""
+    return tensor.to_local() if isinstance(tensor, DTensor) else tensor
+
+
 def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
     """Make `model` train on every rank of `mesh` with the numbers one process would get."""
     # Every rank of ("dp_shard", "ep") reads different tokens: the batch is split over the flattened mesh.
