@@ -39,6 +39,14 @@ class ModelConfig:
     rope_theta: float = num(10000.0, "(0, inf)")
     norm_eps: float = num(1e-5, "(0, inf)")
     init_std: float = num(0.02, "(0, inf)")
+    head_dim: int = num(0, "[0, inf)")  # 0 = dim / n_heads
+    qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
+    qk_norm: str = "none"  # none | head: RMSNorm per head on q and k (Qwen3) | full: over the whole projection (OLMoE)
+    clip_qkv: float = num(0.0, "[0, inf)")  # clamp q, k and v to [-clip_qkv, clip_qkv] (OLMoE); 0 = off
+
+    @property
+    def head_size(self) -> int:
+        return self.head_dim or self.dim // self.n_heads
 
 
 @dataclass
@@ -56,6 +64,8 @@ class MoEConfig:
     bias_update_rate: float = num(0.001, "[0, inf)")
     capacity_factor: float = num(0.0, "[0, inf)")  # 0 = dropless; else tokens per expert per sequence are capped
     shared_expert_hidden: int = num(0, "[0, inf)")  # 0 = no shared expert
+    shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) per token (Qwen2-MoE)
+    dense_layers: list[int] = field(default_factory=list)  # layers kept dense whatever the pattern above
     # DeepSeek-V3 routing: experts in n_group equal groups, a token routed within its topk_group best groups
     # (with EP groups aligned to ranks, node-limited routing); combine weights scaled by routed_scaling_factor.
     n_group: int = num(1, "[1, inf)")
@@ -100,6 +110,8 @@ class OptimConfig:
 @dataclass
 class TrainConfig:
     name: str = "tiny"  # the run dir is metrics.runs_dir / name: a plain name, not a path
+    # a Hugging Face model dir to start from: its config.json sets model and moe, its safetensors the weights
+    init_from: str = ""
     steps: int = num(100, "[1, inf)")  # the schedule's length
     # stop (checkpointed) at this step, e.g. to fit a job's time limit; 0 = at train.steps
     stop_after: int = num(0, "[0, inf)")
@@ -140,6 +152,7 @@ class Config:
 
 
 CHOICES = {
+    "model.qk_norm": ("none", "head", "full"),
     "moe.score_func": ("softmax", "sigmoid"),
     "moe.grouped_mm_backend": ("auto", "grouped_mm", "padded", "loop"),
     "parallel.param_dtype": ("auto", "float32", "bfloat16"),
@@ -180,6 +193,14 @@ def _coerce(key: str, value: object, typ: type) -> object:
             return float(value)
     elif typ is str and isinstance(value, str):
         return value
+    elif typing.get_origin(typ) is list:  # list[int]: a TOML array, or "1,3" on the command line
+        items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
+        if isinstance(items, list):
+            try:
+                return [_coerce(key, v, int) for v in items]
+            except ConfigError:
+                pass
+        raise ConfigError(f"config: {key} must be a list of int (e.g. 1,3), got {value!r}")
     raise ConfigError(f"config: {key} must be {typ.__name__}, got {value!r}")
 
 
@@ -315,8 +336,10 @@ def validate(cfg: Config) -> None:
     _check_numbers(cfg)
     _check_run_name(cfg.train.name)
     m, moe, p = cfg.model, cfg.moe, cfg.parallel
-    _check(m.dim % m.n_heads == 0, f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim}")
-    _check((m.dim // m.n_heads) % 2 == 0, f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even (rotary)")
+    _check(m.head_dim > 0 or m.dim % m.n_heads == 0,
+           f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim} (or set model.head_dim)")
+    _check(m.head_size % 2 == 0, f"the head size {m.head_size} (model.head_dim, or model.dim / model.n_heads) "
+                                 f"must be even (rotary)")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
     _check(cfg.data.seq_len <= m.max_seq_len,
@@ -333,6 +356,10 @@ def validate(cfg: Config) -> None:
                f"({moe.topk_group * (moe.num_experts // moe.n_group)})")
         _check(moe.first_k_dense <= m.n_layers,
                f"moe.first_k_dense = {moe.first_k_dense} must be between 0 and model.n_layers = {m.n_layers}")
+        _check(moe.shared_expert_hidden > 0 or not moe.shared_expert_gate,
+               "moe.shared_expert_gate = true needs a shared expert (moe.shared_expert_hidden > 0)")
+        _check(all(0 <= i < m.n_layers for i in moe.dense_layers),
+               f"moe.dense_layers = {moe.dense_layers} must hold layer numbers in [0, model.n_layers = {m.n_layers})")
         _check(p.ep == 0 or moe.num_experts % p.ep == 0,
                f"parallel.ep = {p.ep} must divide moe.num_experts = {moe.num_experts}")
     else:

@@ -1,4 +1,4 @@
-"""python -m moe_dist.export: a checkpoint as one safetensors file for one device, or as a Hugging Face Mixtral.
+"""python -m moe_dist.export: a checkpoint as one safetensors file for one device, or as a Hugging Face model.
 
 Also the single-process loader that moe_dist.generate uses: a run dir (its `latest` checkpoint), a
 checkpoint step-<N> dir (torch.distributed.checkpoint) or an export dir (model.safetensors).
@@ -23,11 +23,11 @@ from moe_dist.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, ve
 from moe_dist.cli import OneLineParser, error_line
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
-from moe_dist.data.tokenizer import EOS_TOKEN, eos_id, load_tokenizer
+from moe_dist.data.tokenizer import TOKENIZER_CONFIG, eos_id, eos_token, load_tokenizer
 from moe_dist.files import default_file_mode, staging_dir, swap_in, unwritable_reason
-from moe_dist.hf.config import mixtral_values
-from moe_dist.model import Transformer
-from moe_dist.model.transformer import is_moe_layer
+from moe_dist.hf.config import FAMILIES, HF_CONFIG, Family, family_blocker, family_of, hf_config
+from moe_dist.hf.weights import hf_state_dict
+from moe_dist.model import Transformer, moe_layers
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.toml"
@@ -108,60 +108,12 @@ def consolidated_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str,
             for name, t in model.state_dict().items()}
 
 
-def hf_blocker(cfg: Config, model: Transformer) -> str | None:
-    """The config key that keeps the model from mapping onto Hugging Face Mixtral, as a phrase; None if it maps."""
-    moe = cfg.moe
-    if moe.num_experts == 0:
-        return "moe.num_experts = 0 (a dense model; Mixtral's layers are all MoE)"
-    if moe.score_func != "softmax":
-        return f"moe.score_func = {moe.score_func!r} (Mixtral routes with softmax)"
-    if not moe.renormalize:
-        return "moe.renormalize = false (Mixtral renormalises the top-k weights)"
-    if moe.topk_group < moe.n_group:
-        return f"moe.topk_group = {moe.topk_group} < moe.n_group = {moe.n_group} (Mixtral routes over all experts)"
-    if moe.routed_scaling_factor != 1:
-        return f"moe.routed_scaling_factor = {moe.routed_scaling_factor} (Mixtral does not scale the weights)"
-    if moe.shared_expert_hidden:
-        return f"moe.shared_expert_hidden = {moe.shared_expert_hidden} (Mixtral has no shared expert)"
-    if moe.capacity_factor:
-        return f"moe.capacity_factor = {moe.capacity_factor} (Mixtral never drops tokens)"
-    if moe.first_k_dense:
-        return f"moe.first_k_dense = {moe.first_k_dense} (Mixtral has no dense layers)"
-    if not all(is_moe_layer(i, moe) for i in range(cfg.model.n_layers)):
-        return f"moe.every_n_layers = {moe.every_n_layers} (Mixtral has no dense layers)"
-    if moe.aux_free_bias and any(layer.ffn.router.expert_bias.any() for layer in model.layers):
-        return "moe.aux_free_bias = true with a nonzero learned expert_bias (Mixtral has no selection bias)"
-    return None
-
-
-def hf_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The weights under Hugging Face Mixtral names and layouts (nn.Linear weights are [out, in])."""
-    out = {"model.embed_tokens.weight": model.tok_embeddings.weight, "model.norm.weight": model.norm.weight,
-           "lm_head.weight": model.output.weight}
-    for i, layer in enumerate(model.layers):
-        prefix = f"model.layers.{i}."
-        for name in "qkvo":
-            out[f"{prefix}self_attn.{name}_proj.weight"] = getattr(layer.attention, f"w{name}").weight
-        out[prefix + "input_layernorm.weight"] = layer.attention_norm.weight
-        out[prefix + "post_attention_layernorm.weight"] = layer.ffn_norm.weight
-        out[prefix + "block_sparse_moe.gate.weight"] = layer.ffn.router.gate.weight
-        experts = layer.ffn.experts
-        for j in range(experts.w1.shape[0]):  # ours: w1, w3 [E, D, H] and w2 [E, H, D], applied as x @ w
-            for name in ("w1", "w2", "w3"):
-                out[f"{prefix}block_sparse_moe.experts.{j}.{name}.weight"] = getattr(experts, name)[j].T
-    return {name: t.detach().to(dtype).cpu().contiguous() for name, t in out.items()}
-
-
-def hf_config(cfg: Config, dtype: str, eos: int | None) -> dict:
-    """config.json for transformers' MixtralForCausalLM."""
-    return {
-        "architectures": ["MixtralForCausalLM"], "model_type": "mixtral", "torch_dtype": dtype, **mixtral_values(cfg),
-        "head_dim": cfg.model.dim // cfg.model.n_heads, "hidden_act": "silu",
-        "router_jitter_noise": 0.0, "output_router_logits": False,
-        "sliding_window": None, "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
-        # Our tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
-        "bos_token_id": eos, "eos_token_id": eos,
-    }
+def hf_blocker(cfg: Config, model: Transformer, family: Family) -> str | None:
+    """What keeps the model from mapping onto `family`, as a phrase naming the key; None if it maps."""
+    reason = family_blocker(cfg, family)
+    if reason is None and cfg.moe.aux_free_bias and any(m.router.expert_bias.any() for m in moe_layers(model)):
+        reason = "moe.aux_free_bias = true with a nonzero learned expert_bias (transformers has no selection bias)"
+    return reason
 
 
 def _source_root(checkpoint: Path) -> Path:
@@ -187,17 +139,17 @@ def check_out_dir(out: Path, checkpoint: Path) -> Path:
     return out
 
 
-def _write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, fmt: str,
+def write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, family: Family | None,
                   dtype: str) -> None:
-    if fmt == "hf":
+    if family is not None:
         eos = eos_id(load_tokenizer(tokenizer_path), tokenizer_path) if tokenizer_path else None
-        save_file(hf_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
-        (out / "config.json").write_text(json.dumps(hf_config(cfg, dtype, eos), indent=2) + "\n")
+        save_file(hf_state_dict(model, cfg, family, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
+        (out / HF_CONFIG).write_text(json.dumps(hf_config(cfg, family, dtype, eos), indent=2) + "\n")
         if tokenizer_path:
-            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": EOS_TOKEN,
-                                "eos_token": EOS_TOKEN, "model_max_length": cfg.model.max_seq_len,
-                                "clean_up_tokenization_spaces": False}
-            (out / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2) + "\n")
+            token = eos_token(tokenizer_path)
+            tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token, "eos_token": token,
+                                "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}
+            (out / TOKENIZER_CONFIG).write_text(json.dumps(tokenizer_config, indent=2) + "\n")
     else:
         save_file(consolidated_state_dict(model, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
         (out / CONFIG).write_text(to_toml(cfg))
@@ -206,21 +158,26 @@ def _write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, 
         shutil.copyfile(tokenizer_path, out / TOKENIZER)
 
 
-def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = "float32") -> Path:
+def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = "float32",
+           family: str = "auto") -> Path:
     """Write the checkpoint at `path` to `out` as model.safetensors + config + tokenizer; returns `out`.
 
-    Everything is checked first; the export is built beside `out` and renamed into place when complete.
+    With fmt "hf", as the Hugging Face `family` (a model_type; "auto": the one the model's features imply, which
+    is the one a run imported from). Everything is checked first; the export is built beside `out` and renamed
+    into place when complete.
     """
     checkpoint = resolve_checkpoint(path)
     out = check_out_dir(Path(out), checkpoint)
     model, cfg, tokenizer_path = _load_verified(checkpoint)
+    target = None
     if fmt == "hf":
-        reason = hf_blocker(cfg, model)
+        target = family_of(cfg) if family == "auto" else FAMILIES[family]
+        reason = hf_blocker(cfg, model, target)
         if reason is not None:
-            raise ExportError(f"export: --format hf needs a Mixtral-shaped model, but {reason}")
+            raise ExportError(f"export: --format hf needs a model {target.architecture} expresses, but {reason}")
     staging = staging_dir(out, "export")
     try:
-        _write_export(model, cfg, tokenizer_path, staging, fmt, dtype)
+        write_export(model, cfg, tokenizer_path, staging, target, dtype)
         swap_in(staging, out)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -234,11 +191,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("checkpoint", help="run dir (its latest checkpoint), checkpoints/step-<N> dir or export dir")
     parser.add_argument("--out", required=True, help="output directory: new or empty")
     parser.add_argument("--format", default="native", choices=("native", "hf"),
-                        help="native: for moe_dist.generate; hf: a transformers MixtralForCausalLM directory")
+                        help="native: for moe_dist.generate; hf: a transformers model directory (from_pretrained)")
+    parser.add_argument("--family", default="auto", choices=("auto", *FAMILIES),
+                        help="with --format hf: the transformers family; auto: the one the run came from")
     parser.add_argument("--dtype", default="float32", choices=tuple(DTYPES))
     args = parser.parse_args(argv)
     try:
-        out = export(args.checkpoint, args.out, args.format, args.dtype)
+        out = export(args.checkpoint, args.out, args.format, args.dtype, args.family)
     except (ExportError, ConfigError, DataError, OSError) as e:
         print(error_line("export", e), file=sys.stderr)
         return 2

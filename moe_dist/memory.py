@@ -89,9 +89,8 @@ def activation_bytes(cfg: Config, act: int) -> tuple[int, int, int]:
     """
     m, moe = cfg.model, cfg.moe
     tokens = cfg.data.micro_batch * cfg.data.seq_len
-    head_dim = m.dim // m.n_heads
-    kv_dim = m.n_kv_heads * head_dim
-    attention = tokens * (act * (5 * m.dim + 2 * kv_dim) + FP32 * m.n_heads)
+    q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+    attention = tokens * (act * (2 * m.dim + 3 * q_dim + 2 * kv_dim) + FP32 * m.n_heads)
     norms = tokens * act * 2 * m.dim
     blocks = []
     for layer in range(m.n_layers):

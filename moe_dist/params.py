@@ -16,8 +16,9 @@ from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
 def count_params(cfg: Config) -> dict[str, tuple[int, int]]:
     """{component: (total, active per token)}, counted from the config alone."""
     m, moe = cfg.model, cfg.moe
-    head_dim = m.dim // m.n_heads
-    attention = m.dim * head_dim * (2 * m.n_heads + 2 * m.n_kv_heads)
+    q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+    attention = m.dim * (2 * q_dim + 2 * kv_dim) + (q_dim + 2 * kv_dim if m.qkv_bias else 0)
+    qk_norms = {"none": 0, "head": 2 * m.head_size, "full": q_dim + kv_dim}[m.qk_norm]
     n_moe = sum(is_moe_layer(i, moe) for i in range(m.n_layers))
     n_dense = m.n_layers - n_moe
     experts = n_moe * moe.num_experts * 3 * m.dim * moe.expert_hidden
@@ -27,9 +28,9 @@ def count_params(cfg: Config) -> dict[str, tuple[int, int]]:
         "attention": (m.n_layers * attention,) * 2,
         "dense ffn": (n_dense * 3 * m.dim * m.ffn_hidden,) * 2,
         "experts": (experts, active_experts),
-        "shared expert": (n_moe * 3 * m.dim * moe.shared_expert_hidden,) * 2,
+        "shared expert": (n_moe * (3 * moe.shared_expert_hidden + moe.shared_expert_gate) * m.dim,) * 2,
         "router": (n_moe * m.dim * moe.num_experts,) * 2,
-        "norms": ((2 * m.n_layers + 1) * m.dim,) * 2,
+        "norms": ((2 * m.n_layers + 1) * m.dim + m.n_layers * qk_norms,) * 2,
         "output": (m.vocab_size * m.dim,) * 2,
     }
     rows["total"] = (sum(t for t, _ in rows.values()), sum(a for _, a in rows.values()))

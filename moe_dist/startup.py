@@ -22,8 +22,9 @@ from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
 from moe_dist.data.loader import check_compatible
 from moe_dist.data.manifest import read_manifest
-from moe_dist.data.tokenizer import file_hash
+from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
+from moe_dist.hf.weights import HFWeights, hf_tokenizer, open_hf_weights
 
 
 class RunError(RuntimeError):
@@ -31,11 +32,13 @@ class RunError(RuntimeError):
 
 
 RUN_MARKER = "moe_dist-run.json"
-RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "checkpoints", "tensorboard", "plots")
+RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "checkpoints", "tensorboard",
+             "plots")
 # What fixes the parameters' shapes: a checkpoint only loads into a model with the same values.
 SHAPE_KEYS = ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_hidden", "moe.num_experts", "moe.expert_hidden", "moe.shared_expert_hidden",
-              "moe.first_k_dense", "moe.every_n_layers")
+              "moe.first_k_dense", "moe.every_n_layers", "moe.dense_layers", "model.head_dim", "model.qkv_bias",
+              "model.qk_norm", "moe.shared_expert_gate")
 
 
 @dataclass
@@ -44,6 +47,7 @@ class RunStart:
     data_dir: Path
     checkpointer: Checkpointer
     checkpoint: Path | None  # the verified checkpoint to resume from; None: start fresh
+    init_weights: HFWeights | None  # train.init_from's weights, checked against the model; None when resuming
 
 
 def run_entries(run_dir: Path) -> list[Path]:
@@ -121,11 +125,16 @@ def check_run_tokenizer(run_dir: Path, data_dir: Path) -> None:
 def prepare_data(cfg: Config, world_size: int) -> Path:
     """The configured data dir, or the default corpus (built once, by whoever gets its lock first), checked
     against the model and the global batch."""
+    tokenizer = hf_tokenizer(cfg.train.init_from) if cfg.train.init_from else None
     if cfg.data.path:
         data_dir = Path(cfg.data.path)
     else:
-        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size)
+        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
     check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size)
+    if tokenizer is not None and file_hash(tokenizer) != read_manifest(data_dir)["tokenizer"]["hash"]:
+        raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, the one of "
+                        f"train.init_from; prepare it with python -m moe_dist.data.prep --tokenizer "
+                        f"{cfg.train.init_from}")
     return data_dir
 
 
@@ -145,6 +154,7 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
               announce: bool = False) -> RunStart:
     """Everything a run needs, checked without writing (but the default corpus's cache, built on first use)."""
     run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
+    init_weights = open_hf_weights(cfg) if cfg.train.init_from else None  # headers only: cheap, and first
     data_dir = prepare_data(cfg, world_size)
     resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
     check_run_dir(run_dir, resuming, overwrite)
@@ -153,7 +163,7 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
     if resuming:
         check_run_tokenizer(run_dir, data_dir)
         checkpoint = find_checkpoint(checkpointer, cfg, announce)
-    return RunStart(run_dir, data_dir, checkpointer, checkpoint)
+    return RunStart(run_dir, data_dir, checkpointer, checkpoint, None if checkpoint else init_weights)
 
 
 def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
@@ -165,6 +175,9 @@ def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
     (run_dir / "config.toml").write_text(to_toml(cfg))
     # The run carries its tokenizer, for sampling and export and to check the data it resumes on.
     shutil.copyfile(start.data_dir / read_manifest(start.data_dir)["tokenizer"]["file"], run_dir / "tokenizer.json")
+    source_config = Path(cfg.train.init_from) / TOKENIZER_CONFIG if cfg.train.init_from else None
+    if source_config is not None and source_config.is_file():  # names its special tokens (the EOS) for export
+        shutil.copyfile(source_config, run_dir / TOKENIZER_CONFIG)
 
 
 def start_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: bool) -> RunStart:

@@ -18,15 +18,16 @@ from torch.distributed.fsdp import FSDPModule
 
 from moe_dist.checkpoint import CheckpointError, latest_checkpoint, step_dir_name
 from moe_dist.cli import error_line
-from moe_dist.config import Config, ConfigError, load_config, parse_args
+from moe_dist.config import Config, ConfigError, parse_args
 from moe_dist.data import DataError
 from moe_dist.data.loader import DataLoader
+from moe_dist.hf.config import with_init_from
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, local_part, parallelize
-from moe_dist.parallel.materialize import materialize
+from moe_dist.parallel.materialize import BlockReader, materialize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolve_mesh
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.startup import RunError, check_run, start_run
@@ -113,14 +114,15 @@ def evaluate(model: nn.Module, batches: list[Batch]) -> float:
     return mean_over_ranks(total / len(batches))
 
 
-def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime) -> nn.Module:
-    """Built on the meta device, parallelized, then only this rank's shards allocated and initialised: the full
-    weights equal the single-process Transformer(cfg.model, cfg.moe, seed=cfg.train.seed) at every world size
-    and layout, bit for bit. The same path on CPU and GPU."""
+def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime, read: BlockReader | None = None) -> nn.Module:
+    """Built on the meta device, parallelized, then only this rank's shards allocated and filled from `read` (a
+    Hugging Face checkpoint's) or initialised: then the full weights equal the single-process
+    Transformer(cfg.model, cfg.moe, seed=cfg.train.seed) at every world size and layout, bit for bit. The same
+    path on CPU and GPU."""
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
     parallelize(model, cfg.parallel, mesh, runtime.device)
-    materialize(model, runtime.device)
+    materialize(model, runtime.device, read)
     return model
 
 
@@ -171,7 +173,7 @@ class Trainer:
                                      runtime.world_size, d.seed)
         self.val_data = DataLoader(start.data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size,
                                    d.seed)
-        self.model = build_model(cfg, mesh, runtime)
+        self.model = build_model(cfg, mesh, runtime, start.init_weights and start.init_weights.read)
         self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = self.tokens = 0
@@ -296,7 +298,7 @@ def main(argv: list[str] | None = None) -> int:
                                               {"resume": False, "overwrite": False, "preflight": False})
         if "resume" in options and "overwrite" in options:
             raise ConfigError("train: --resume and --overwrite exclude each other")
-        cfg = load_config(name or "tiny", overrides)
+        cfg = with_init_from(name or "tiny", overrides)
         overwrite = "overwrite" in options
         if int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")) > 0:
             # torchrun restarted every rank after one died: continue what this job wrote, never wipe it.

@@ -15,7 +15,7 @@ from moe_dist import export
 from moe_dist.checkpoint import seal
 from moe_dist.config import load_config, to_toml
 from moe_dist.data.tokenizer import load_tokenizer, train_tokenizer
-from moe_dist.hf.config import config_from_hf
+from moe_dist.hf.config import FAMILIES, config_from_hf
 from moe_dist.model import Transformer
 
 # A Mixtral-shaped model (every layer MoE) small enough to build, save and export in well under a second.
@@ -133,9 +133,9 @@ def test_hf_export_of_unmappable_config_names_the_key(tmp_path, capsys, override
 def test_hf_blocker_sees_a_learned_selection_bias():
     cfg = load_config("tiny", {**TINY, "moe.aux_free_bias": "true"})
     model = Transformer(cfg.model, cfg.moe)
-    assert export.hf_blocker(cfg, model) is None
+    assert export.hf_blocker(cfg, model, FAMILIES["mixtral"]) is None
     model.layers[0].ffn.router.expert_bias[2] = 0.001
-    assert "moe.aux_free_bias" in export.hf_blocker(cfg, model)
+    assert "moe.aux_free_bias" in export.hf_blocker(cfg, model, FAMILIES["mixtral"])
 
 
 def test_errors_are_one_line_exit_2(tmp_path, capsys):

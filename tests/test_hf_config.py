@@ -43,7 +43,8 @@ def test_planner_takes_a_mixtral_dir(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"model_type": "qwen3_moe"}, 'model_type = "qwen3_moe" is not supported (supported: mixtral)'),
+    ({"model_type": "deepseek_v3"},
+     'model_type = "deepseek_v3" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, olmoe)'),
     ({"sliding_window": 4096}, "sliding_window = 4096 is not supported (moe_dist attends over the whole sequence)"),
     ({"tie_word_embeddings": True}, "tie_word_embeddings = true is not supported"),
     ({"hidden_act": "gelu"}, 'hidden_act = "gelu" is not supported (the experts are SwiGLU)'),

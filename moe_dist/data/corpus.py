@@ -11,6 +11,7 @@ from pathlib import Path
 
 from moe_dist.data.manifest import FORMAT_VERSION, MANIFEST
 from moe_dist.data.prep import prepare
+from moe_dist.data.tokenizer import file_hash
 
 STDLIB_CAP_BYTES = 16 * 2**20  # keeps tokenizer training + tokenization well under a minute on 2 cores
 SKIP_DIRS = frozenset({"site-packages", "dist-packages", "test", "tests", "idle_test"})
@@ -40,10 +41,12 @@ def stdlib_texts(root: Path, cap_bytes: int) -> Iterator[str]:
         yield text
 
 
-def default_corpus(cache_root: Path, vocab_size: int) -> Path:
-    """The prepared stdlib corpus under cache_root/stdlib-f{format}-v{vocab_size}, built on first use."""
+def default_corpus(cache_root: Path, vocab_size: int, tokenizer: Path | None = None) -> Path:
+    """The prepared stdlib corpus under cache_root/stdlib-f{format}-v{vocab_size}[-t{tokenizer hash}], built on
+    first use with its own tokenizer, or with `tokenizer` (a tokenizer.json) when given."""
     cache_root = Path(cache_root)
-    target = cache_root / f"stdlib-f{FORMAT_VERSION}-v{vocab_size}"
+    suffix = f"-t{file_hash(tokenizer)}" if tokenizer is not None else ""
+    target = cache_root / f"stdlib-f{FORMAT_VERSION}-v{vocab_size}{suffix}"
     if (target / MANIFEST).is_file():
         return target
     cache_root.mkdir(parents=True, exist_ok=True)
@@ -56,6 +59,6 @@ def default_corpus(cache_root: Path, vocab_size: int) -> Path:
         with open(source, "w", encoding="utf-8") as f:
             for text in stdlib_texts(stdlib_dir(), STDLIB_CAP_BYTES):
                 f.write(json.dumps({"text": text}) + "\n")
-        prepare([source], target, vocab_size)  # built beside target and swapped in whole
+        prepare([source], target, vocab_size, tokenizer)  # built beside target and swapped in whole
         source.unlink()
     return target

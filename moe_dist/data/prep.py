@@ -309,7 +309,7 @@ def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | 
         shutil.copyfile(tokenizer, tokenizer_path)
     tok = load_tokenizer(tokenizer_path)
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
-    eos = eos_id(tok, tokenizer_path)
+    eos = eos_id(tok, tokenizer or tokenizer_path)  # a given tokenizer's eos may be named beside it
     splits = _tokenize(files, text_field, staging, tokenizer_path, eos, dtype, workers, shard_tokens, val_fraction)
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": fp, "options": options, "input_files": len(files),
@@ -337,6 +337,8 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path 
     _check_options(vocab_size, workers, shard_tokens, val_fraction, train_one=tokenizer is None)
     files = find_inputs(inputs)
     out_dir = _check_out_dir(Path(out_dir), files)
+    if tokenizer is not None and Path(tokenizer).is_dir():  # a Hugging Face model dir
+        tokenizer = Path(tokenizer) / TOKENIZER_FILE
     if tokenizer is not None:
         _given_tokenizer(Path(tokenizer), vocab_size)
     options = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "text_field": text_field,
@@ -365,7 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--input", nargs="+", required=True, type=Path, help="files, or directories to search")
     parser.add_argument("--vocab-size", type=int, required=True)
     parser.add_argument("--out", type=Path, required=True, help="the directory to write (replaced whole when done)")
-    parser.add_argument("--tokenizer", type=Path, help="use this tokenizer.json instead of training one")
+    parser.add_argument("--tokenizer", type=Path,
+                        help="use this tokenizer.json (or a Hugging Face model dir's) instead of training one")
     parser.add_argument("--text-field", default="text", help="jsonl field / parquet column holding the text")
     parser.add_argument("--workers", type=int, default=DEFAULT_WORKERS)
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from moe_dist.data import DataError, one_line
 
 EOS_TOKEN = "<|endoftext|>"  # ends every document; id 0 in tokenizers trained here
+TOKENIZER_CONFIG = "tokenizer_config.json"  # beside a Hugging Face tokenizer.json: names its special tokens
 MIN_VOCAB = 257  # 256 byte symbols + EOS_TOKEN
 
 
@@ -40,11 +42,23 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DataError(f"data: {path}: not a loadable tokenizer.json ({one_line(e)})") from None
 
 
+def eos_token(path: Path) -> str:
+    """The end-of-document token of tokenizer file `path`: the eos_token of a Hugging Face tokenizer_config.json
+    beside it, else EOS_TOKEN."""
+    try:
+        token = json.loads((Path(path).parent / TOKENIZER_CONFIG).read_text()).get("eos_token")
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+        return EOS_TOKEN
+    token = token.get("content") if isinstance(token, dict) else token  # older files hold an AddedToken dict
+    return token if isinstance(token, str) and token else EOS_TOKEN
+
+
 def eos_id(tokenizer: Tokenizer, path: Path) -> int:
-    """The id of EOS_TOKEN; DataError naming the tokenizer file if it has none."""
-    token_id = tokenizer.token_to_id(EOS_TOKEN)
+    """The id of eos_token(path); DataError naming the tokenizer file if it has none."""
+    token = eos_token(path)
+    token_id = tokenizer.token_to_id(token)
     if token_id is None:
-        raise DataError(f"data: {path}: tokenizer has no {EOS_TOKEN} token")
+        raise DataError(f"data: {path}: tokenizer has no {token} token")
     return token_id
 
 

@@ -67,6 +67,7 @@ class MoE(nn.Module):
         self.router = Router(dim, cfg)
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm_backend)
         self.shared_expert = FeedForward(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
+        self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.dispatch: Dispatcher = local_dispatch
         # Read by the trainer after each forward, for metrics and the aux-free bias update.
         self.last_counts: Tensor | None = None  # [E] pairs routed per expert, whole batch
@@ -80,7 +81,10 @@ class MoE(nn.Module):
         self.last_dropped = (~route.keep).sum() if route.keep is not None else torch.zeros((), dtype=torch.int64)
         out = self.dispatch(tokens, route, self.experts)
         if self.shared_expert is not None:
-            out = out + self.shared_expert(tokens)
+            shared = self.shared_expert(tokens)
+            if self.shared_expert_gate is not None:
+                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
+            out = out + shared
         return out.view(batch, seq_len, dim), route.aux_loss
 
 

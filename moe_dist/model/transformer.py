@@ -38,30 +38,45 @@ class KVCache:
 
     @classmethod
     def empty(cls, cfg: ModelConfig, batch_size: int, device=None, dtype: torch.dtype = torch.float32) -> KVCache:
-        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.dim // cfg.n_heads)
+        shape = (cfg.n_layers, batch_size, cfg.n_kv_heads, cfg.max_seq_len, cfg.head_size)
         return cls(torch.zeros(shape, device=device, dtype=dtype), torch.zeros(shape, device=device, dtype=dtype))
 
 
 class Attention(nn.Module):
-    """Causal grouped-query attention through scaled_dot_product_attention."""
+    """Causal grouped-query attention through scaled_dot_product_attention, with the q/k options of the open MoE
+    families: biases on q, k, v; RMSNorm on q and k per head or over the whole projection; clamping q, k, v."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.n_heads = cfg.n_heads
         self.n_kv_heads = cfg.n_kv_heads
-        self.head_dim = cfg.dim // cfg.n_heads
-        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=False)
-        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
-        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
+        self.head_dim = cfg.head_size
+        self.qk_norm = cfg.qk_norm
+        self.clip_qkv = cfg.clip_qkv
+        self.wq = nn.Linear(cfg.dim, cfg.n_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wk = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
+        self.wv = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=cfg.qkv_bias)
         self.wo = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
+        if cfg.qk_norm != "none":
+            per_head = cfg.qk_norm == "head"
+            self.q_norm = nn.RMSNorm(self.head_dim if per_head else self.wq.out_features, eps=cfg.norm_eps)
+            self.k_norm = nn.RMSNorm(self.head_dim if per_head else self.wk.out_features, eps=cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
                 start_pos: int = 0) -> Tensor:
         """x holds positions start_pos...; kv, this layer's (keys, values) cache, receives them."""
         batch, seq_len, _ = x.shape
-        q = self.wq(x).view(batch, seq_len, self.n_heads, self.head_dim).transpose(1, 2)
-        k = self.wk(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
-        v = self.wv(x).view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
+        q, k, v = self.wq(x), self.wk(x), self.wv(x)
+        if self.qk_norm == "full":
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.clip_qkv:
+            q, k, v = (t.clamp(-self.clip_qkv, self.clip_qkv) for t in (q, k, v))
+        q = q.view(batch, seq_len, self.n_heads, self.head_dim)
+        k = k.view(batch, seq_len, self.n_kv_heads, self.head_dim)
+        if self.qk_norm == "head":
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)
+        v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         mask = None
         if kv is not None:
@@ -77,7 +92,7 @@ class Attention(nn.Module):
 
 
 def is_moe_layer(layer_id: int, moe: MoEConfig) -> bool:
-    return (moe.num_experts > 0 and layer_id >= moe.first_k_dense
+    return (moe.num_experts > 0 and layer_id >= moe.first_k_dense and layer_id not in moe.dense_layers
             and (layer_id - moe.first_k_dense) % moe.every_n_layers == 0)
 
 
@@ -122,18 +137,20 @@ class Transformer(nn.Module):
         self.layers = nn.ModuleList(Block(i, cfg, moe) for i in range(cfg.n_layers))
         self.norm = nn.RMSNorm(cfg.dim, eps=cfg.norm_eps)
         self.output = nn.Linear(cfg.dim, cfg.vocab_size, bias=False)
-        cos, sin = rotary_tables(cfg.dim // cfg.n_heads, cfg.max_seq_len, cfg.rope_theta)
+        cos, sin = rotary_tables(cfg.head_size, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
         if self.rope_cos.device.type != "meta":  # on meta, whoever materialises the model initialises it
             self.init_weights()
 
     def initial_value(self, name: str, shape: torch.Size, device: torch.device | str) -> Tensor:
-        """The initial value of parameter `name`: norms 1, the rest Normal(0, init_std) truncated at 3 std, with
-        residual output projections' std scaled by 1/sqrt(2 * n_layers), drawn from a generator seeded by (seed,
-        name) alone. So each parameter's value does not depend on how the model is later split over ranks."""
+        """The initial value of parameter `name`: norms 1, biases 0, the rest Normal(0, init_std) truncated at 3 std,
+        with residual output projections' std scaled by 1/sqrt(2 * n_layers), drawn from a generator seeded by
+        (seed, name) alone. So each parameter's value does not depend on how the model is later split over ranks."""
         if "norm" in name:
             return torch.ones(shape, device=device)
+        if name.endswith(".bias"):
+            return torch.zeros(shape, device=device)
         scale = 1 / math.sqrt(2 * self.cfg.n_layers) if name.endswith(("wo.weight", "w2.weight", "experts.w2")) else 1
         key = hashlib.sha256(f"{self.seed}:{name}".encode()).digest()
         generator = torch.Generator(device).manual_seed(int.from_bytes(key[:8], "little") >> 1)
@@ -152,7 +169,7 @@ class Transformer(nn.Module):
         for module in self.modules():
             if isinstance(module, MoE):
                 module.router.expert_bias.zero_()
-        cos, sin = rotary_tables(self.cfg.dim // self.cfg.n_heads, self.cfg.max_seq_len, self.cfg.rope_theta,
+        cos, sin = rotary_tables(self.cfg.head_size, self.cfg.max_seq_len, self.cfg.rope_theta,
                                  device=self.rope_cos.device)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
+from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
@@ -18,25 +21,32 @@ def plain_name(name: str) -> str:
     return name
 
 
-@torch.no_grad()
-def materialize(model: Transformer, device: torch.device) -> None:
-    """Give every parameter the value the single-process model gives it, holding only this rank's shards.
+# read(name, full shape, block) -> that block of the parameter's value: the initial values, or a checkpoint's.
+BlockReader = Callable[[str, torch.Size, tuple[slice, ...]], Tensor]
 
-    Each parameter's full initial value is drawn on its own (Transformer.initial_value: a generator seeded by
-    the parameter's name), this rank keeps its part, and the full tensor is dropped before the next one: a rank
-    holds at most its shards plus the largest single parameter. Every rank draws the same full value, so the
-    shards fit together into exactly the single-process weights, whatever the world size and EP layout.
-    """
+
+def initial_values(model: Transformer, device: torch.device) -> BlockReader:
+    """Blocks of the single-process model's initial values: each parameter's full value is drawn on its own
+    (Transformer.initial_value: a generator seeded by the parameter's name) and the block cut out of it. Every
+    rank draws the same full value, so the blocks fit together into exactly the single-process weights, whatever
+    the world size and EP layout."""
+    return lambda name, shape, block: model.initial_value(name, shape, device)[block]
+
+
+@torch.no_grad()
+def materialize(model: Transformer, device: torch.device, read: BlockReader | None = None) -> None:
+    """Allocate this rank's shards and fill each from `read` (default: the initial values), one parameter at a
+    time: a rank holds at most its shards plus one parameter's full value."""
     model.to_empty(device=device)
+    read = read or initial_values(model, device)
     for name, param in model.named_parameters():
-        full = model.initial_value(plain_name(name), param.shape, device)
+        local = param.to_local() if isinstance(param, DTensor) else param
         if isinstance(param, DTensor):
-            # Every rank already holds the full value, so each copies its own block out of it: DTensor's own
-            # arithmetic for where that block lies (FSDP's and EP's shards nested included), without the extra
-            # copy of the block that distribute_tensor(src_data_rank=None) makes.
-            shape, offset = compute_local_shape_and_global_offset(full.shape, param.device_mesh, param.placements)
-            param.to_local().copy_(full[tuple(slice(o, o + n) for o, n in zip(offset, shape))])
+            # DTensor's own arithmetic for where this rank's block lies (FSDP's and EP's shards nested included);
+            # copying into it directly saves the extra copy that distribute_tensor(src_data_rank=None) makes.
+            shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
         else:
-            param.copy_(full)
-        del full
+            shape, offset = param.shape, (0,) * param.dim()
+        if local.numel():
+            local.copy_(read(plain_name(name), param.shape, tuple(slice(o, o + n) for o, n in zip(offset, shape))))
     model.init_buffers()

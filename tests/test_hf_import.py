@@ -1,0 +1,132 @@
+"""Hugging Face MoE checkpoints in and out, per family: imported logits equal transformers' own, a sharded import
+at world 2 (ep 2) and 4 (ep 2 x dp_shard 2) equals the single-process import, and after training under EP the
+export loads in transformers with the same logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+import transformers
+
+from distributed import run_on_ranks
+from equivalence import assert_layout, full_parameters, split, train_steps
+from hf_models import FAMILIES, save_tiny
+from moe_dist import export
+from moe_dist.hf.config import config_from_hf, family_of
+from moe_dist.hf.weights import import_model, open_hf_weights
+from moe_dist.model import Transformer
+from moe_dist.parallel.materialize import plain_name
+from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.train import build_model, loss_fn
+
+SEQ_LEN = 16
+TRAINING = {"data.seq_len": SEQ_LEN, "optim.lr": 1e-2, "optim.warmup_steps": 1, "optim.eps": 1e-4}
+# The layout each family is saved in for the distributed runs: both save_pretrained forms and the fused one.
+DISTRIBUTED_LAYOUTS = {"mixtral": "sharded", "qwen2_moe": "single", "qwen3_moe": "sharded", "olmoe": "fused"}
+
+
+def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
+    with torch.no_grad():
+        out = model(tokens)
+    return out[0] if isinstance(out, tuple) else out.logits
+
+
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max()).item()
+
+
+def tokens(batch: int = 2, seed: int = 1) -> torch.Tensor:
+    return torch.randint(0, 96, (batch, SEQ_LEN), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("layout", ["single", "sharded", "fused"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_imported_logits_equal_transformers(tmp_path, family, layout):
+    hf = save_tiny(family, tmp_path, layout)
+    assert (tmp_path / "model.safetensors.index.json").is_file() == (layout == "sharded")
+    model, cfg = import_model(tmp_path, {"data.seq_len": SEQ_LEN})
+    assert relative_error(logits(model, tokens()), logits(hf, tokens())) <= 1e-5
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+
+
+@pytest.mark.parametrize("family, override", [("olmoe", {"model.clip_qkv": 0.0}),
+                                              ("qwen2_moe", {"moe.renormalize": True}),
+                                              ("qwen3_moe", {"model.norm_eps": 1e-2})])
+def test_the_family_features_matter(tmp_path, family, override):
+    """The parity above would fail if clip_qkv, norm_topk_prob or the QK-norm's eps were ignored."""
+    hf = save_tiny(family, tmp_path)
+    model, _ = import_model(tmp_path, {"data.seq_len": SEQ_LEN, **override})
+    assert relative_error(logits(model, tokens()), logits(hf, tokens())) > 1e-3
+
+
+def import_worker(rank, world_size, cases, global_batch, steps):
+    """Per case: the first step's loss and full gradients, then `steps` training steps and the full weights."""
+    results = []
+    for cfg in cases:
+        runtime = Runtime(rank, world_size, rank, torch.device("cpu"))
+        model = build_model(cfg, build_mesh(cfg, world_size, "cpu"), runtime, open_hf_weights(cfg).read)
+        assert_layout(model, cfg.parallel.ep)
+        per_rank = global_batch.shape[0] // world_size
+        inputs, targets = split(global_batch[rank * per_rank:(rank + 1) * per_rank])
+        out, aux = model(inputs)
+        ce = loss_fn(out, targets)
+        (ce + aux).backward()
+        loss = ce.detach().clone()
+        dist.all_reduce(loss)
+        grads = {plain_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}
+        model.zero_grad(set_to_none=True)
+        trained = train_steps(model, cfg, steps, rank, world_size)
+        results.append((loss.item() / world_size, aux.item(), grads, [r.loss for r in trained],
+                        full_parameters(model)))
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_path, world_size):
+    global_batch = torch.randint(0, 96, (world_size * 2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(0, 96, (3, 1, world_size * 2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(4))
+    cases = []
+    for family, layout in DISTRIBUTED_LAYOUTS.items():
+        save_tiny(family, tmp_path / family, layout)
+        cases.append(config_from_hf(tmp_path / family, {**TRAINING, "parallel.ep": 2,
+                                                        "train.init_from": str(tmp_path / family)}))
+    per_rank = run_on_ranks(import_worker, world_size, cases, global_batch, steps)
+
+    for c, cfg in enumerate(cases):
+        directory, family = Path(cfg.train.init_from), family_of(cfg)
+        reference, _ = import_model(directory, TRAINING)
+        inputs, targets = split(global_batch)
+        out, aux = reference(inputs)
+        ce = loss_fn(out, targets)
+        (ce + aux).backward()
+        want_grads = {name: param.grad for name, param in reference.named_parameters()}
+        reference.zero_grad(set_to_none=True)
+        want_steps = [r.loss for r in train_steps(reference, cfg, steps)]
+        want_params = full_parameters(reference)
+        for rank, results in enumerate(per_rank):
+            loss, got_aux, grads, losses, params = results[c]
+            where = (directory.name, world_size, rank)
+            assert abs(loss - ce.item()) <= 1e-5 * ce.item() and abs(got_aux - aux.item()) <= 1e-5 * aux.item(), where
+            for name, want in want_grads.items():
+                torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
+                                           msg=f"{where} {name}")
+            assert losses == pytest.approx(want_steps, rel=1e-5), where
+            for name, want in want_params.items():
+                torch.testing.assert_close(params[name], want, rtol=1e-4, atol=1e-4 * want.abs().max().item(),
+                                           msg=f"{where} {name}")
+
+        # The weights trained under EP, exported as the family's checkpoint: transformers gives our logits.
+        trained = Transformer(cfg.model, cfg.moe)
+        trained.load_state_dict({name: per_rank[0][c][4][name] for name in trained.state_dict()})
+        out_dir = tmp_path / f"{directory.name}-export-{world_size}"
+        out_dir.mkdir()
+        export.write_export(trained.eval(), cfg, None, out_dir, family, "float32")
+        hf, info = transformers.AutoModelForCausalLM.from_pretrained(out_dir, dtype=torch.float32,
+                                                                     output_loading_info=True)
+        assert not any(info.values()), info  # no missing, unexpected or mismatched keys
+        assert type(hf).__name__ == family.architecture
+        assert relative_error(logits(hf.eval(), tokens()), logits(trained, tokens())) <= 1e-5
