@@ -8,11 +8,14 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from pathlib import Path
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
@@ -138,6 +141,46 @@ def human(n: float) -> str:
         if abs(n) >= scale:
             return f"{n / scale:.3g}{unit}"
     return f"{n:.3g}"
+
+
+def status_kib(field: str) -> int:
+    """One field of /proc/self/status (VmRSS, VmHWM, RssAnon, RssFile, ...), in KiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+# measure(rank, world, device, *args) -> one row of numbers: what each rank of spawn_ranks reports.
+RankMeasure = Callable[..., list[float]]
+
+
+def _rank_main(rank: int, world: int, measure: RankMeasure, args: tuple, device_type: str, store: str,
+               out: str) -> None:
+    torch.set_num_threads(1)
+    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
+    if device_type == "cuda":
+        torch.cuda.set_device(device)
+    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}",
+                            rank=rank, world_size=world)
+    try:
+        result = torch.tensor(measure(rank, world, device, *args), dtype=torch.float64, device=device)
+        gathered = [torch.empty_like(result) for _ in range(world)]
+        dist.all_gather(gathered, result)
+        if rank == 0:
+            Path(out).write_text(json.dumps([t.tolist() for t in gathered]))
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn_ranks(measure: RankMeasure, world: int, device_type: str, *args) -> list[list[float]]:
+    """`measure` on `world` fresh processes (gloo on CPU, NCCL with one GPU per rank, one CPU thread each):
+    each rank's row of numbers, in rank order."""
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "result.json")
+        mp.spawn(_rank_main, args=(world, measure, args, device_type, os.path.join(tmp, "store"), out),
+                 nprocs=world)
+        return json.loads(Path(out).read_text())
 
 
 def write_results(name: str, payload: dict) -> Path:

@@ -11,17 +11,12 @@ tiny config has loaded every code path); on CUDA it is torch.cuda.max_memory_all
 from __future__ import annotations
 
 import gc
-import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from benchmarks.common import environment, markdown_table, parser, setup, write_results
+from benchmarks.common import environment, markdown_table, parser, setup, spawn_ranks, status_kib, write_results
 from moe_dist.config import load_config
 from moe_dist.model import Transformer
 from moe_dist.parallel import local_part, parallelize
@@ -29,13 +24,6 @@ from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model
 
 MIB = 2**20
-
-
-def _vm_kib(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"/proc/self/status has no {field}")
 
 
 def reset_peak(device: torch.device) -> int:
@@ -46,14 +34,14 @@ def reset_peak(device: torch.device) -> int:
         torch.cuda.reset_peak_memory_stats(device)
         return torch.cuda.memory_allocated(device)
     Path("/proc/self/clear_refs").write_text("5")  # 5: reset VmHWM to VmRSS
-    return _vm_kib("VmRSS") * 1024
+    return status_kib("VmRSS") * 1024
 
 
 def peak(device: torch.device) -> int:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
         return torch.cuda.max_memory_allocated(device)
-    return _vm_kib("VmHWM") * 1024
+    return status_kib("VmHWM") * 1024
 
 
 def whole_then_shard(cfg, mesh, runtime: Runtime) -> torch.nn.Module:
@@ -68,34 +56,25 @@ STARTUPS = {"meta, parallelize, materialise shards (moe_dist)": build_model,
             "whole model, then shard": whole_then_shard}
 
 
-def rank_main(rank: int, world: int, config: str, startup: str, device_type: str, store: str, out: str) -> None:
-    torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}",
-                            rank=rank, world_size=world)
+def model_bytes(model: torch.nn.Module) -> tuple[int, int]:
+    """(this rank's shards of the parameters, plus the buffers; the largest parameter's full size), in bytes."""
+    params = list(model.parameters())
+    shard_bytes = sum(local_part(p).nbytes for p in params) + sum(b.nbytes for b in model.buffers())
+    return shard_bytes, max(p.numel() * p.element_size() for p in params)
+
+
+def measure(rank: int, world: int, device: torch.device, config: str, startup: str) -> list[float]:
+    """[peak growth, shard bytes, largest parameter] of one rank's start-up."""
     runtime = Runtime(rank, world, rank, device)
-    try:
-        build = STARTUPS[startup]
-        warm_cfg = load_config("tiny")
-        build(warm_cfg, build_mesh(warm_cfg, world, device_type), runtime)  # loads every code path, then freed
-        cfg = load_config(config)
-        mesh = build_mesh(cfg, world, device_type)
-        before = reset_peak(device)
-        model = build(cfg, mesh, runtime)
-        grown = peak(device) - before
-        params = list(model.parameters())
-        shard_bytes = sum(local_part(p).nbytes for p in params)
-        shard_bytes += sum(b.nbytes for b in model.buffers())
-        largest = max(p.numel() * p.element_size() for p in params)
-        result = torch.tensor([grown, shard_bytes, largest], dtype=torch.float64)
-        gathered = [torch.empty_like(result) for _ in range(world)]
-        dist.all_gather(gathered, result)
-        if rank == 0:
-            Path(out).write_text(json.dumps([t.tolist() for t in gathered]))
-    finally:
-        dist.destroy_process_group()
+    build = STARTUPS[startup]
+    warm_cfg = load_config("tiny")
+    build(warm_cfg, build_mesh(warm_cfg, world, device.type), runtime)  # loads every code path, then freed
+    cfg = load_config(config)
+    mesh = build_mesh(cfg, world, device.type)
+    before = reset_peak(device)
+    model = build(cfg, mesh, runtime)
+    grown = peak(device) - before
+    return [grown, *model_bytes(model)]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,11 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     rows, results = [], {}
     for startup in STARTUPS:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = os.path.join(tmp, "result.json")
-            mp.spawn(rank_main, args=(args.world, args.config, startup, device.type, os.path.join(tmp, "store"),
-                                      out), nprocs=args.world)
-            per_rank = json.loads(Path(out).read_text())
+        per_rank = spawn_ranks(measure, args.world, device.type, args.config, startup)
         results[startup] = [{"peak_growth": g, "shard_bytes": s, "largest_param": big} for g, s, big in per_rank]
         g, s, big = max(per_rank, key=lambda r: r[0] / (r[1] + r[2]))
         rows.append([startup, f"{g / MIB:.0f}", f"{s / MIB:.0f}", f"{big / MIB:.0f}", f"{g / (s + big):.2f}"])

@@ -32,11 +32,11 @@ FAMILIES = {
 }
 
 
-def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
+def tiny_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A tiny model of `family` in fp32 with every weight random (norms around 1), so that a weight mapped to
-    the wrong place changes the logits and no two experts tie."""
+    the wrong place changes the logits and no two experts tie; `overrides` change its config."""
     config_cls, model_cls, values = FAMILIES[family]
-    model = model_cls(config_cls(**COMMON, **values)).eval()
+    model = model_cls(config_cls(**{**COMMON, **values, **overrides})).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -45,10 +45,11 @@ def tiny_model(family: str, seed: int = 0) -> transformers.PreTrainedModel:
     return model
 
 
-def save_tiny(family: str, directory: Path, layout: str = "single", seed: int = 0) -> transformers.PreTrainedModel:
+def save_tiny(family: str, directory: Path, layout: str = "single", seed: int = 0,
+              **overrides) -> transformers.PreTrainedModel:
     """Save a tiny model as save_pretrained does (layout "single" or "sharded": per-expert keys), or as its
     in-memory state dict ("fused": transformers 5's gate_up_proj / down_proj); returns the model."""
-    model = tiny_model(family, seed)
+    model = tiny_model(family, seed, **overrides)
     if layout == "fused":
         model.config.save_pretrained(directory)
         save_file({k: v.contiguous() for k, v in model.state_dict().items()}, Path(directory) / "model.safetensors")

@@ -1,4 +1,4 @@
-"""A Hugging Face config.json as a moe_dist config: Mixtral maps exactly, anything else is one line."""
+"""A Hugging Face config.json as a moe_dist config: the four families map exactly, anything else is one line."""
 
 from __future__ import annotations
 
@@ -7,7 +7,9 @@ import json
 import pytest
 import transformers
 
-from moe_dist.hf.config import config_from_hf
+from hf_models import COMMON, FAMILIES
+from moe_dist.hf.config import config_from_hf, family_of, hf_config
+from moe_dist.model.transformer import is_moe_layer
 from moe_dist.params import count_params, main
 
 TINY_MIXTRAL = dict(vocab_size=320, hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4,
@@ -66,3 +68,46 @@ def test_unreadable_config_json_is_one_line(tmp_path, capsys):
     assert main(["--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "not a readable JSON file" in err
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
+    """Parameter count and MoE layer pattern equal transformers' model; export's config.json maps back to the
+    same config."""
+    config_cls, model_cls, values = FAMILIES[family]
+    hf = model_cls(config_cls(**{**COMMON, **values, "decoder_sparse_step": 2}))
+    hf.config.save_pretrained(tmp_path)
+    cfg = config_from_hf(tmp_path, {"data.seq_len": "16"})
+    assert count_params(cfg)["total"][0] == sum(p.numel() for p in hf.parameters())
+    sparse = [type(layer.mlp).__name__.endswith("SparseMoeBlock") for layer in hf.model.layers]
+    assert [is_moe_layer(i, cfg.moe) for i in range(cfg.model.n_layers)] == sparse
+    assert family_of(cfg).model_type == family
+    (tmp_path / "back").mkdir()
+    (tmp_path / "back" / "config.json").write_text(json.dumps(hf_config(cfg, family_of(cfg), "float32", None)))
+    back = config_from_hf(tmp_path / "back", {"data.seq_len": "16"})
+    assert back.model == cfg.model
+    assert back.moe.aux_loss_coef == pytest.approx(cfg.moe.aux_loss_coef)
+    assert [is_moe_layer(i, back.moe) for i in range(cfg.model.n_layers)] == sparse
+    assert (back.moe.num_experts, back.moe.renormalize, back.moe.shared_expert_gate) == (
+        cfg.moe.num_experts, cfg.moe.renormalize, cfg.moe.shared_expert_gate)
+
+
+@pytest.mark.parametrize("family, change, message", [
+    ("qwen2_moe", {"use_sliding_window": True}, "use_sliding_window = true is not supported"),
+    ("qwen2_moe", {"layer_types": ["full_attention", "sliding_attention", "full_attention"]},
+     "layer_types = [\"full_attention\", \"sliding_attention\", \"full_attention\"] is not supported"),
+    ("qwen3_moe", {"attention_bias": True}, "attention_bias = true is not supported"),
+    ("qwen3_moe", {"moe_intermediate_size": None}, "missing moe_intermediate_size"),
+    ("olmoe", {"head_dim": 16}, "head_dim = 16 is not supported (OLMoE's k_norm"),
+    ("olmoe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
+    ("qwen2_moe", {"mlp_only_layers": [7]}, "moe.dense_layers = [7] must hold layer numbers in [0, model.n_layers"),
+])
+def test_family_features_that_do_not_map_are_one_line(tmp_path, capsys, family, change, message):
+    config_cls, _, values = FAMILIES[family]
+    config_cls(**COMMON, **values).save_pretrained(tmp_path)
+    path = tmp_path / "config.json"
+    data = {key: value for key, value in {**json.loads(path.read_text()), **change}.items() if value is not None}
+    path.write_text(json.dumps(data))
+    assert main(["--config", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and message in err and str(path) in err, err

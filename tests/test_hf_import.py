@@ -4,6 +4,7 @@ export loads in transformers with the same logits."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -14,15 +15,22 @@ import transformers
 from distributed import run_on_ranks
 from equivalence import assert_layout, full_parameters, split, train_steps
 from hf_models import FAMILIES, save_tiny
-from moe_dist import export
+from safetensors.torch import load_file, save_file
+
+from moe_dist import export, train
+from moe_dist.config import load_config
+from moe_dist.data import prep
+from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
 from moe_dist.hf.config import config_from_hf, family_of
 from moe_dist.hf.weights import import_model, open_hf_weights
 from moe_dist.model import Transformer
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
+from runs import run_trainer, trainer_args, trainer_command
 
 SEQ_LEN = 16
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 TRAINING = {"data.seq_len": SEQ_LEN, "optim.lr": 1e-2, "optim.warmup_steps": 1, "optim.eps": 1e-4}
 # The layout each family is saved in for the distributed runs: both save_pretrained forms and the fused one.
 DISTRIBUTED_LAYOUTS = {"mixtral": "sharded", "qwen2_moe": "single", "qwen3_moe": "sharded", "olmoe": "fused"}
@@ -130,3 +138,87 @@ def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_p
         assert not any(info.values()), info  # no missing, unexpected or mismatched keys
         assert type(hf).__name__ == family.architecture
         assert relative_error(logits(hf.eval(), tokens()), logits(trained, tokens())) <= 1e-5
+
+
+@pytest.mark.slow
+def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
+    """The user's path: prep with the checkpoint's tokenizer, torchrun with --train.init_from at ep 2, export
+    --format hf, from_pretrained."""
+    source = tmp_path / "qwen3"
+    save_tiny("qwen3_moe", source, "sharded", vocab_size=320)
+    train_tokenizer([TEXT], 300).save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS_TOKEN}))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i}: {TEXT}"}) + "\n" for i in range(200)))
+    assert prep.main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--vocab-size", "320",
+                      "--tokenizer", str(source)]) == 0
+    run = tmp_path / "runs" / "q3"
+    result = run_trainer(trainer_command(2) + trainer_args(
+        tmp_path / "runs", None, "--train.init_from", str(source), "--data.path", str(tmp_path / "data"),
+        "--parallel.ep", "2", "--train.steps", "3", "--train.name", "q3", "--data.seq_len", str(SEQ_LEN),
+        "--data.micro_batch", "2", "--optim.lr", "1e-2"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    resolved = load_config(str(run / "config.toml"))
+    assert (resolved.model.qk_norm, resolved.model.head_dim, resolved.moe.dense_layers) == ("head", 16, [0])
+    assert resolved.train.init_from == str(source)
+    assert (run / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+
+    out = tmp_path / "hf"
+    assert export.main([str(run), "--out", str(out), "--format", "hf"]) == 0
+    hf, info = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32, output_loading_info=True)
+    assert not any(info.values()), info
+    assert type(hf).__name__ == "Qwen3MoeForCausalLM"
+    ours, _, _ = export.load_for_inference(run)
+    assert relative_error(logits(hf.eval(), tokens()), logits(ours, tokens())) <= 1e-5
+    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS_TOKEN
+
+
+def preflight(source: Path, runs: Path, capsys) -> str:
+    """The trainer's own check with --train.init_from: exit 2 and one stderr line, which is returned."""
+    capsys.readouterr()
+    assert train.main(["--train.init_from", str(source), "--metrics.runs_dir", str(runs), "--data.seq_len",
+                       str(SEQ_LEN), "--preflight"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1, err
+    assert not runs.exists()  # nothing written: no run dir, no corpus cache
+    return err
+
+
+def rewrite(path: Path, change) -> None:
+    tensors = load_file(path)
+    change(tensors)
+    save_file(tensors, path, metadata={"format": "pt"})
+
+
+QWEN2 = "model.layers.0.mlp."
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.pop(QWEN2 + "experts.3.up_proj.weight"), f"missing tensor {QWEN2}experts.3.up_proj.weight"),
+    (lambda t: t.pop("model.layers.2.self_attn.k_proj.bias"), "missing tensor model.layers.2.self_attn.k_proj.bias"),
+    (lambda t: t.update({QWEN2 + "shared_expert_gate.weight": torch.zeros(2, 32)}),
+     f"tensor {QWEN2}shared_expert_gate.weight has shape [2, 32], expected [1, 32]"),
+    (lambda t: t.update({QWEN2 + "experts.0.down_proj.weight": torch.zeros(24, 32)}),
+     f"tensor {QWEN2}experts.0.down_proj.weight has shape [24, 32], expected [32, 24]"),
+    (lambda t: t.update({"model.norm.weight": torch.ones(32, dtype=torch.int32)}),
+     "tensor model.norm.weight has dtype I32"),
+    (lambda t: t.update({"model.layers.0.self_attn.q_norm.weight": torch.ones(12)}),
+     "unexpected tensor model.layers.0.self_attn.q_norm.weight"),
+])
+def test_a_wrong_or_missing_tensor_is_one_line_naming_it(tmp_path, capsys, change, message):
+    source = tmp_path / "qwen2"
+    save_tiny("qwen2_moe", source)
+    rewrite(source / "model.safetensors", change)
+    err = preflight(source, tmp_path / "runs", capsys)
+    assert message in err and str(source) in err, err
+
+
+def test_a_broken_sharded_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
+    source = tmp_path / "mixtral"
+    save_tiny("mixtral", source, "sharded")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    shard = sorted(set(index["weight_map"].values()))[1]
+    (source / shard).unlink()
+    err = preflight(source, tmp_path / "runs", capsys)
+    assert f"{source / shard}: missing" in err, err
+    (source / "model.safetensors.index.json").unlink()
+    assert "no model.safetensors or model.safetensors.index.json" in preflight(source, tmp_path / "runs", capsys)
