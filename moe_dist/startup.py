@@ -154,16 +154,20 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
               announce: bool = False) -> RunStart:
     """Everything a run needs, checked without writing (but the default corpus's cache, built on first use)."""
     run_dir = Path(cfg.metrics.runs_dir) / cfg.train.name
-    init_weights = open_hf_weights(cfg) if cfg.train.init_from else None  # headers only: cheap, and first
-    data_dir = prepare_data(cfg, world_size)
     resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
+    # train.init_from's tensors are checked first (headers only: cheap), unless the run may resume from its own
+    # checkpoint, which then replaces them: whether it does is known only further down.
+    init_weights = open_hf_weights(cfg) if cfg.train.init_from and not resuming else None
+    data_dir = prepare_data(cfg, world_size)
     check_run_dir(run_dir, resuming, overwrite)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, rank, world_size)
     checkpoint = None
     if resuming:
         check_run_tokenizer(run_dir, data_dir)
         checkpoint = find_checkpoint(checkpointer, cfg, announce)
-    return RunStart(run_dir, data_dir, checkpointer, checkpoint, None if checkpoint else init_weights)
+    if cfg.train.init_from and resuming and checkpoint is None:
+        init_weights = open_hf_weights(cfg)
+    return RunStart(run_dir, data_dir, checkpointer, checkpoint, init_weights)
 
 
 def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:

@@ -8,6 +8,7 @@ import pytest
 import transformers
 
 from hf_models import COMMON, FAMILIES
+from moe_dist.config import CONFIG_DIR
 from moe_dist.hf.config import config_from_hf, family_of, hf_config
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.params import count_params, main
@@ -42,6 +43,20 @@ def test_planner_takes_a_mixtral_dir(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "total 46.70B parameters, 12.88B active per token" in out
     assert "16 ranks = dp_shard 2 x ep 8" in out
+
+
+@pytest.mark.parametrize("directory, world, lines", [
+    ("Qwen3-30B-A3B", 8, ["total 30.53B parameters, 3.35B active per token", "8 ranks = dp_shard 1 x ep 8",
+                          "total, with activation checkpointing       65.83 GiB | fits"]),
+    ("Qwen3-30B-A3B", 16, ["total, no activation checkpointing         60.90 GiB (configured) | fits"]),
+    ("Mixtral-8x7B-v0.1", 32, ["total 46.70B parameters, 12.88B active per token",
+                               "total, no activation checkpointing         50.68 GiB (configured) | fits"]),
+])
+def test_the_readme_recipes_figures(capsys, directory, world, lines):
+    assert main(["--config", str(CONFIG_DIR / "hf" / directory), "--world", str(world), "--ep", "8",
+                 "--device-memory", "80GiB", "--data.seq_len", "4096", "--data.micro_batch", "1"]) == 0
+    out = capsys.readouterr().out
+    assert all(line in out for line in lines), out
 
 
 @pytest.mark.parametrize("change, message", [

@@ -58,6 +58,15 @@ def test_imported_logits_equal_transformers(tmp_path, family, layout):
     model, cfg = import_model(tmp_path, {"data.seq_len": SEQ_LEN})
     assert relative_error(logits(model, tokens()), logits(hf, tokens())) <= 1e-5
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in hf.parameters())
+    # Export writes what save_pretrained wrote: the same keys, the same values.
+    out = tmp_path / "export"
+    out.mkdir()
+    export.write_export(model, cfg, None, out, family_of(cfg), "float32")
+    written = load_file(out / "model.safetensors")
+    if layout != "fused":
+        saved = {k: v for f in tmp_path.glob("model*.safetensors") for k, v in load_file(f).items()}
+        assert written.keys() == saved.keys()
+        assert all(torch.equal(written[k], saved[k]) for k in saved)
 
 
 @pytest.mark.parametrize("family, override", [("olmoe", {"model.clip_qkv": 0.0}),
@@ -170,6 +179,16 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     ours, _, _ = export.load_for_inference(run)
     assert relative_error(logits(hf.eval(), tokens()), logits(ours, tokens())) <= 1e-5
     assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS_TOKEN
+
+    # Resuming (here in one process) continues from the run's checkpoint: the checkpoint's weights are not read.
+    for shard in source.glob("*.safetensors"):
+        shard.rename(shard.with_suffix(".moved"))
+    result = run_trainer(trainer_command(1) + trainer_args(
+        tmp_path / "runs", None, "--train.init_from", str(source), "--data.path", str(tmp_path / "data"),
+        "--parallel.ep", "1", "--train.steps", "4", "--train.name", "q3", "--data.seq_len", str(SEQ_LEN),
+        "--data.micro_batch", "4", "--optim.lr", "1e-2", "--resume"))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "resuming from" in result.stdout and "done: 4 steps" in result.stdout, result.stdout
 
 
 def preflight(source: Path, runs: Path, capsys) -> str:
