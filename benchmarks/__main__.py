@@ -5,15 +5,15 @@ from __future__ import annotations
 import sys
 import time
 
-from benchmarks import all_to_all, checkpoint_save, routing, startup_memory, train_step
+from benchmarks import all_to_all, checkpoint_save, import_memory, routing, startup_memory, train_step
 
 
 def main(argv: list[str] | None = None) -> int:
     start = time.perf_counter()
-    for bench in (routing, all_to_all, train_step, checkpoint_save, startup_memory):
+    for bench in (routing, all_to_all, train_step, checkpoint_save, startup_memory, import_memory):
         bench.main(argv)
         print(flush=True)
-    print(f"bench: {time.perf_counter() - start:.0f} s for all five")
+    print(f"bench: {time.perf_counter() - start:.0f} s for all six")
     return 0
 
 

@@ -22,6 +22,7 @@ import of the tiny config, as startup_memory does) is given too: anonymous and f
 
 from __future__ import annotations
 
+import importlib.util
 import inspect
 import sys
 import tempfile
@@ -125,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--world", type=int, default=4)
     args = p.parse_args(argv)
     setup(args)  # the thread count; the ranks are CPU processes on gloo whatever --device says
+    if importlib.util.find_spec("transformers") is None:
+        print("import_memory: transformers is not installed (pip install -e '.[dev]'); skipped")
+        return 0
     device = torch.device("cpu")
     start = time.perf_counter()
     ways = WAYS if "backend" in inspect.signature(load_file).parameters else {next(iter(WAYS)): None}

@@ -135,6 +135,11 @@ class HFCheckpoint:
         """Only `block` of tensor `key`, read from its file."""
         return self._handle(self.files[key]).get_slice(key)[block]
 
+    def close(self) -> None:
+        """Drop the open files: their memory-mapped pages stop counting in this process's memory (they are
+        reopened, header only, by the next read)."""
+        self._handles.clear()
+
 
 class HFWeights:
     """A model's parameters in a Hugging Face checkpoint: checked against the model on creation, then read a
@@ -184,8 +189,15 @@ class HFWeights:
         return {source.key(j) for j in range(experts)}
 
     def read(self, name: str, shape: torch.Size, block: Block) -> Tensor:
-        """Block `block` of parameter `name` (whole shape `shape`), in our layout."""
-        source = self.sources[name]
+        """Block `block` of parameter `name` (whole shape `shape`), in our layout, as a tensor of its own."""
+        try:
+            return self._read(self.sources[name], name, block).clone()
+        finally:
+            # A block read from a memory-mapped file keeps the pages it touched mapped while the file is open:
+            # closing after each parameter keeps a rank's peak at its shards, not its shards plus those pages.
+            self.checkpoint.close()
+
+    def _read(self, source: Plain | Experts, name: str, block: Block) -> Tensor:
         if any(s.stop <= s.start for s in block):
             return torch.empty([s.stop - s.start for s in block])
         if isinstance(source, Plain):
