@@ -59,7 +59,7 @@ def save_mixtral(directory: str, config: str) -> None:
     transformers.utils.logging.disable_progress_bar()
     torch.manual_seed(0)
     for name, cfg in ((config, load_config(config)), ("warmup", load_config(*WARMUP))):
-        values = hf_config(cfg, FAMILIES["mixtral"], "float32", None)
+        values = hf_config(cfg, FAMILIES["mixtral"], "float32", None, None)
         model = transformers.MixtralForCausalLM(transformers.MixtralConfig.from_dict(values))
         model.save_pretrained(Path(directory) / name, max_shard_size=MAX_SHARD_SIZE)
 

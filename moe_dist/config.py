@@ -227,8 +227,10 @@ def resolve_config_path(name_or_path: str) -> Path:
     return path
 
 
-def load_config(name_or_path: str | None = None, overrides: dict[str, object] | None = None) -> Config:
-    """Defaults, then a TOML file, then dotted overrides; validated."""
+def load_config(name_or_path: str | None = None, overrides: dict[str, object] | None = None,
+                check: bool = True) -> Config:
+    """Defaults, then a TOML file, then dotted overrides; validated unless `check` is false (for a config that
+    is only read, to be completed by more values)."""
     cfg = Config()
     if name_or_path:
         path = resolve_config_path(name_or_path)
@@ -247,7 +249,8 @@ def load_config(name_or_path: str | None = None, overrides: dict[str, object] | 
                     raise ConfigError(str(e).replace("config: ", f"config: {path}: ", 1)) from None
     for key, value in (overrides or {}).items():
         _set(cfg, key, value)
-    validate(cfg)
+    if check:
+        validate(cfg)
     return cfg
 
 

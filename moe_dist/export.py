@@ -1,7 +1,8 @@
 """python -m moe_dist.export: a checkpoint as one safetensors file for one device, or as a Hugging Face model.
 
 Also the single-process loader that moe_dist.generate uses: a run dir (its `latest` checkpoint), a
-checkpoint step-<N> dir (torch.distributed.checkpoint) or an export dir (model.safetensors).
+checkpoint step-<N> dir (torch.distributed.checkpoint), an export dir (model.safetensors) or a Hugging Face
+model dir of a family moe_dist imports.
 """
 
 from __future__ import annotations
@@ -23,10 +24,11 @@ from moe_dist.checkpoint import COMPLETE, CheckpointError, latest_checkpoint, ve
 from moe_dist.cli import OneLineParser, error_line
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
-from moe_dist.data.tokenizer import TOKENIZER_CONFIG, eos_id, eos_token, load_tokenizer
+from moe_dist.data.tokenizer import TOKENIZER_CONFIG, bos_id, eos_id, eos_token, load_tokenizer
 from moe_dist.files import default_file_mode, staging_dir, swap_in, unwritable_reason
-from moe_dist.hf.config import FAMILIES, HF_CONFIG, Family, family_blocker, family_of, hf_config
-from moe_dist.hf.weights import hf_state_dict
+from moe_dist.hf.config import (FAMILIES, HF_CONFIG, Family, family_blocker, family_of, hf_config, hf_tokenizer,
+                                is_hf_dir)
+from moe_dist.hf.weights import hf_state_dict, import_model
 from moe_dist.model import Transformer, moe_layers
 
 WEIGHTS = "model.safetensors"
@@ -45,7 +47,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     path = Path(path)
     if not path.is_dir():
         raise ExportError(f"checkpoint {path}: no such directory")
-    if (path / WEIGHTS).is_file():
+    if (path / WEIGHTS).is_file() or is_hf_dir(path):
         return path
     if (path / COMPLETE).is_file() or (path / DCP_METADATA).is_file():
         step = path
@@ -77,9 +79,14 @@ def load_for_inference(path: str | Path) -> tuple[Transformer, Config, Path | No
 
 def _load_verified(checkpoint: Path) -> tuple[Transformer, Config, Path | None]:
     config_path = _beside(checkpoint, CONFIG)
+    if config_path is None and is_hf_dir(checkpoint):  # a Hugging Face model dir: ours or a family's
+        try:
+            model, cfg = import_model(checkpoint)
+        except (ConfigError, CheckpointError) as e:
+            raise ExportError(str(e)) from None
+        return model.eval(), cfg, hf_tokenizer(checkpoint)
     if config_path is None:
-        hint = " (a --format hf export is for transformers)" if (checkpoint / "config.json").is_file() else ""
-        raise ExportError(f"checkpoint {checkpoint}: no {CONFIG} in it or in its run dir{hint}")
+        raise ExportError(f"checkpoint {checkpoint}: no {CONFIG} in it or in its run dir")
     cfg = load_config(str(config_path))
     model = Transformer(cfg.model, cfg.moe)
     try:
@@ -142,10 +149,19 @@ def check_out_dir(out: Path, checkpoint: Path) -> Path:
 def write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, family: Family | None,
                   dtype: str) -> None:
     if family is not None:
-        eos = eos_id(load_tokenizer(tokenizer_path), tokenizer_path) if tokenizer_path else None
-        save_file(hf_state_dict(model, cfg, family, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
-        (out / HF_CONFIG).write_text(json.dumps(hf_config(cfg, family, dtype, eos), indent=2) + "\n")
+        bos = eos = None
         if tokenizer_path:
+            tokenizer = load_tokenizer(tokenizer_path)
+            eos = eos_id(tokenizer, tokenizer_path)
+            bos = bos_id(tokenizer, tokenizer_path)
+        save_file(hf_state_dict(model, cfg, family, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
+        # Our own tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
+        config = hf_config(cfg, family, dtype, eos if bos is None else bos, eos)
+        (out / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
+        source_config = tokenizer_path.parent / TOKENIZER_CONFIG if tokenizer_path else None
+        if source_config is not None and source_config.is_file():  # an imported run's: its chat template too
+            shutil.copyfile(source_config, out / TOKENIZER_CONFIG)
+        elif tokenizer_path:
             token = eos_token(tokenizer_path)
             tokenizer_config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": token, "eos_token": token,
                                 "model_max_length": cfg.model.max_seq_len, "clean_up_tokenization_spaces": False}

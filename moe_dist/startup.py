@@ -24,7 +24,8 @@ from moe_dist.data.loader import check_compatible
 from moe_dist.data.manifest import read_manifest
 from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
-from moe_dist.hf.weights import HFWeights, hf_tokenizer, open_hf_weights
+from moe_dist.hf.config import hf_tokenizer
+from moe_dist.hf.weights import HFWeights, open_hf_weights
 
 
 class RunError(RuntimeError):
@@ -126,6 +127,9 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
     """The configured data dir, or the default corpus (built once, by whoever gets its lock first), checked
     against the model and the global batch."""
     tokenizer = hf_tokenizer(cfg.train.init_from) if cfg.train.init_from else None
+    if cfg.train.init_from and tokenizer is None:  # a new tokenizer's ids would mean nothing to its embeddings
+        raise DataError(f"data: train.init_from = {cfg.train.init_from} has no tokenizer.json; moe_dist tokenizes "
+                        f"with the checkpoint's own tokenizer (copy it there from the model's repository)")
     if cfg.data.path:
         data_dir = Path(cfg.data.path)
     else:

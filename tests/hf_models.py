@@ -9,8 +9,8 @@ import transformers
 from safetensors.torch import save_file
 
 COMMON = dict(vocab_size=96, hidden_size=32, num_attention_heads=4, num_key_value_heads=2, num_experts_per_tok=2,
-              max_position_embeddings=64, router_aux_loss_coef=0.02, rope_parameters={"rope_type": "default",
-                                                                                      "rope_theta": 10000.0})
+              max_position_embeddings=64, router_aux_loss_coef=0.02,
+              rope_parameters={"rope_type": "default", "rope_theta": 5e5})  # not a family's default
 FAMILIES = {
     # Mixtral: every layer MoE, renormalised top-k.
     "mixtral": (transformers.MixtralConfig, transformers.MixtralForCausalLM,

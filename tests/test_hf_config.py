@@ -9,7 +9,8 @@ import transformers
 
 from hf_models import COMMON, FAMILIES
 from moe_dist.config import CONFIG_DIR
-from moe_dist.hf.config import config_from_hf, family_of, hf_config
+from moe_dist.config import ConfigError
+from moe_dist.hf.config import config_from_hf, family_of, hf_config, with_init_from
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.params import count_params, main
 
@@ -98,7 +99,7 @@ def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
     assert [is_moe_layer(i, cfg.moe) for i in range(cfg.model.n_layers)] == sparse
     assert family_of(cfg).model_type == family
     (tmp_path / "back").mkdir()
-    (tmp_path / "back" / "config.json").write_text(json.dumps(hf_config(cfg, family_of(cfg), "float32", None)))
+    (tmp_path / "back" / "config.json").write_text(json.dumps(hf_config(cfg, family_of(cfg), "float32", None, None)))
     back = config_from_hf(tmp_path / "back", {"data.seq_len": "16"})
     assert back.model == cfg.model
     assert back.moe.aux_loss_coef == pytest.approx(cfg.moe.aux_loss_coef)
@@ -126,3 +127,14 @@ def test_family_features_that_do_not_map_are_one_line(tmp_path, capsys, family, 
     assert main(["--config", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and message in err and str(path) in err, err
+
+
+def test_init_from_values_are_checked_with_the_checkpoints_model(tmp_path):
+    """A sequence length and an EP degree that fit the checkpoint but not the TOML's own model."""
+    save(tmp_path, max_position_embeddings=512, num_local_experts=4)
+    cfg = with_init_from("tiny", {"train.init_from": str(tmp_path), "data.seq_len": "256", "parallel.ep": "4",
+                                  "moe.capacity_factor": "1.5"})
+    assert (cfg.data.seq_len, cfg.parallel.ep, cfg.moe.num_experts, cfg.model.dim) == (256, 4, 4, 64)
+    assert cfg.moe.capacity_factor == 1.5  # the command line wins over the checkpoint's values
+    with pytest.raises(ConfigError, match="data.seq_len = 1024 exceeds model.max_seq_len = 512"):
+        with_init_from("tiny", {"train.init_from": str(tmp_path), "data.seq_len": "1024"})

@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 import torch.distributed as dist
@@ -71,12 +73,38 @@ def test_imported_logits_equal_transformers(tmp_path, family, layout):
 
 @pytest.mark.parametrize("family, override", [("olmoe", {"model.clip_qkv": 0.0}),
                                               ("qwen2_moe", {"moe.renormalize": True}),
-                                              ("qwen3_moe", {"model.norm_eps": 1e-2})])
+                                              ("mixtral", {"model.rope_theta": 1e4})])
 def test_the_family_features_matter(tmp_path, family, override):
-    """The parity above would fail if clip_qkv, norm_topk_prob or the QK-norm's eps were ignored."""
+    """The parity above would fail if clip_qkv, norm_topk_prob or rope_theta were dropped."""
     hf = save_tiny(family, tmp_path)
     model, _ = import_model(tmp_path, {"data.seq_len": SEQ_LEN, **override})
     assert relative_error(logits(model, tokens()), logits(hf, tokens())) > 1e-3
+
+
+def test_the_qk_norm_is_per_head_for_qwen3(tmp_path):
+    """Qwen3's q_norm / k_norm, normalising per head: transformers with them off gives other logits."""
+    hf = save_tiny("qwen3_moe", tmp_path)
+    model, _ = import_model(tmp_path, {"data.seq_len": SEQ_LEN})
+    for layer in hf.model.layers:
+        layer.self_attn.q_norm = torch.nn.Identity()
+    assert relative_error(logits(model, tokens()), logits(hf, tokens())) > 1e-3
+
+
+@pytest.mark.parametrize("family", ["mixtral", "olmoe"])
+def test_the_balance_loss_equals_transformers_times_its_coefficient(tmp_path, family):
+    """One MoE layer, where transformers' pooling over layers changes nothing: our aux loss (with the converted
+    coefficient, z-loss 0) is router_aux_loss_coef times transformers' load-balancing loss."""
+    hf = save_tiny(family, tmp_path, num_hidden_layers=1, output_router_logits=True)
+    model, _ = import_model(tmp_path, {"data.seq_len": SEQ_LEN})
+    _, aux = model(tokens())
+    assert aux.item() == pytest.approx(0.02 * hf(tokens()).aux_loss.item(), rel=1e-5)
+
+
+def test_generate_and_export_read_a_hugging_face_dir(tmp_path):
+    hf = save_tiny("qwen2_moe", tmp_path / "src", "sharded")
+    model, cfg, tokenizer = export.load_for_inference(tmp_path / "src")
+    assert relative_error(logits(model, tokens()), logits(hf, tokens())) <= 1e-5
+    assert tokenizer is None and cfg.model.qkv_bias
 
 
 def import_worker(rank, world_size, cases, global_batch, steps):
@@ -156,7 +184,7 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     source = tmp_path / "qwen3"
     save_tiny("qwen3_moe", source, "sharded", vocab_size=320)
     train_tokenizer([TEXT], 300).save(str(source / "tokenizer.json"))
-    (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS_TOKEN}))
+    (source / "tokenizer_config.json").write_text(json.dumps({"eos_token": EOS_TOKEN, "chat_template": "{{ x }}"}))
     (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i}: {TEXT}"}) + "\n" for i in range(200)))
     assert prep.main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--vocab-size", "320",
                       "--tokenizer", str(source)]) == 0
@@ -178,7 +206,8 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     assert type(hf).__name__ == "Qwen3MoeForCausalLM"
     ours, _, _ = export.load_for_inference(run)
     assert relative_error(logits(hf.eval(), tokens()), logits(ours, tokens())) <= 1e-5
-    assert transformers.AutoTokenizer.from_pretrained(out).eos_token == EOS_TOKEN
+    exported_tokenizer = transformers.AutoTokenizer.from_pretrained(out)
+    assert exported_tokenizer.eos_token == EOS_TOKEN and exported_tokenizer.chat_template == "{{ x }}"
 
     # Resuming (here in one process) continues from the run's checkpoint: the checkpoint's weights are not read.
     for shard in source.glob("*.safetensors"):
@@ -231,6 +260,11 @@ def test_a_wrong_or_missing_tensor_is_one_line_naming_it(tmp_path, capsys, chang
     assert message in err and str(source) in err, err
 
 
+def test_a_checkpoint_without_its_tokenizer_is_one_line(tmp_path, capsys):
+    save_tiny("mixtral", tmp_path / "mixtral")
+    assert "has no tokenizer.json" in preflight(tmp_path / "mixtral", tmp_path / "runs", capsys)
+
+
 def test_a_broken_sharded_checkpoint_is_one_line_naming_the_file(tmp_path, capsys):
     source = tmp_path / "mixtral"
     save_tiny("mixtral", source, "sharded")
@@ -241,3 +275,25 @@ def test_a_broken_sharded_checkpoint_is_one_line_naming_the_file(tmp_path, capsy
     assert f"{source / shard}: missing" in err, err
     (source / "model.safetensors.index.json").unlink()
     assert "no model.safetensors or model.safetensors.index.json" in preflight(source, tmp_path / "runs", capsys)
+
+
+def test_prep_with_a_checkpoints_tokenizer_uses_its_bos_and_eos(tmp_path):
+    """As Mixtral's tokenizer_config.json asks: every document starts with <s> and ends with </s>."""
+    source = tmp_path / "tok"
+    source.mkdir()
+    tokenizer = train_tokenizer([TEXT], 300)
+    tokenizer.add_special_tokens(["<s>", "</s>"])
+    tokenizer.save(str(source / "tokenizer.json"))
+    (source / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>",
+                                                              "add_bos_token": True}))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i}: {TEXT}"}) + "\n" for i in range(50)))
+    assert prep.main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--vocab-size",
+                      "320", "--tokenizer", str(source)]) == 0
+    manifest = json.loads((tmp_path / "data" / "manifest.json").read_text())
+    bos, eos = tokenizer.token_to_id("<s>"), tokenizer.token_to_id("</s>")
+    assert (manifest["bos_id"], manifest["eos_id"]) == (bos, eos)
+    shard = tmp_path / "data" / manifest["splits"]["train"]["shards"][0]["file"]
+    ids = pa.ipc.open_file(shard).read_all()["tokens"].to_numpy()
+    ends = np.flatnonzero(ids == eos)
+    assert ids[0] == bos and len(ends) > 5 and (ids[ends[:-1] + 1] == bos).all()
+    assert (ids == bos).sum() == len(ends)

@@ -34,7 +34,7 @@ from moe_dist.data import DataError
 from moe_dist.data.documents import check_file, find_inputs, read_documents
 from moe_dist.data.manifest import (FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record, verify_shards,
                                     write_manifest)
-from moe_dist.data.tokenizer import MIN_VOCAB, eos_id, file_hash, load_tokenizer, train_tokenizer
+from moe_dist.data.tokenizer import MIN_VOCAB, bos_id, eos_id, file_hash, load_tokenizer, train_tokenizer
 from moe_dist.files import staging_dir, swap_in, unwritable_reason
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -98,23 +98,24 @@ class _Progress:
               f" ({self.bytes / 1e6 / max(seconds, 1e-6):.1f} MB/s)", file=sys.stderr, flush=True)
 
 
-_worker: tuple = ()  # (tokenizer, eos id, dtype), set once per worker process
+_worker: tuple = ()  # (tokenizer, [BOS id] or [], EOS id, dtype), set once per worker process
 
 
-def _init_worker(tokenizer_path: str, eos: int, dtype: str) -> None:
+def _init_worker(tokenizer_path: str, bos: int | None, eos: int, dtype: str) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; one thread per worker
-    _worker = (load_tokenizer(Path(tokenizer_path)), eos, dtype)
+    _worker = (load_tokenizer(Path(tokenizer_path)), [] if bos is None else [bos], eos, dtype)
 
 
 def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """texts -> (ids with EOS after each non-empty document, tokens per non-empty document, documents, bytes)."""
-    tokenizer, eos, dtype = _worker
+    """texts -> (ids of each non-empty document, BOS first where the tokenizer has one and EOS last, tokens per
+    non-empty document, documents, bytes)."""
+    tokenizer, bos, eos, dtype = _worker
     docs = len(texts)
     texts = [t for t in texts if t]  # an empty document would add a lone EOS
     encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    ids = np.fromiter(itertools.chain.from_iterable(e.ids + [eos] for e in encodings), dtype=dtype)
-    lengths = np.array([len(e.ids) + 1 for e in encodings], dtype=np.int64)
+    ids = np.fromiter(itertools.chain.from_iterable(bos + e.ids + [eos] for e in encodings), dtype=dtype)
+    lengths = np.array([len(bos) + len(e.ids) + 1 for e in encodings], dtype=np.int64)
     return ids, lengths, docs, sum(len(t.encode()) for t in texts)
 
 
@@ -235,14 +236,14 @@ def _split(staging: Path, stream: _ShardWriter, val_start: int, val_end: int) ->
     return train + rest.close(), val.close()
 
 
-def _tokenize(files: list[Path], text_field: str, staging: Path, tokenizer_path: Path, eos: int, dtype: str,
-              workers: int, shard_tokens: int, val_fraction: float) -> dict:
+def _tokenize(files: list[Path], text_field: str, staging: Path, tokenizer_path: Path, bos: int | None, eos: int,
+              dtype: str, workers: int, shard_tokens: int, val_fraction: float) -> dict:
     schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))],
                        metadata={SHARD_TOKENIZER_KEY: file_hash(tokenizer_path)})
     stream = _ShardWriter(staging, "stream", shard_tokens, schema)
     progress, lengths, docs = _Progress("tokenizing"), [], 0
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), eos, dtype)) as pool:
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), bos, eos, dtype)) as pool:
         for ids, doc_lengths, n, nbytes in _in_order(pool, _tasks(files, text_field), 2 * workers):
             stream.add(ids)
             lengths.append(doc_lengths)
@@ -292,6 +293,7 @@ def _check_out_dir(out_dir: Path, files: list[Path]) -> Path:
 def _given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
     tok = load_tokenizer(tokenizer)
     eos_id(tok, tokenizer)
+    bos_id(tok, tokenizer)
     if tok.get_vocab_size() > vocab_size:
         raise DataError(f"data: {tokenizer}: {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
 
@@ -309,12 +311,15 @@ def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | 
         shutil.copyfile(tokenizer, tokenizer_path)
     tok = load_tokenizer(tokenizer_path)
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
-    eos = eos_id(tok, tokenizer or tokenizer_path)  # a given tokenizer's eos may be named beside it
-    splits = _tokenize(files, text_field, staging, tokenizer_path, eos, dtype, workers, shard_tokens, val_fraction)
+    # A given tokenizer's BOS and EOS may be named beside it (a Hugging Face tokenizer_config.json).
+    bos, eos = bos_id(tok, tokenizer or tokenizer_path), eos_id(tok, tokenizer or tokenizer_path)
+    splits = _tokenize(files, text_field, staging, tokenizer_path, bos, eos, dtype, workers, shard_tokens,
+                       val_fraction)
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": fp, "options": options, "input_files": len(files),
         "tokenizer": {"file": TOKENIZER_FILE, "hash": file_hash(tokenizer_path)},
         "vocab_size": vocab_size, "tokenizer_vocab_size": tok.get_vocab_size(), "dtype": dtype, "eos_id": eos,
+        "bos_id": bos,
         "empty_documents": splits.pop("empty_documents"), "splits": splits,
     }
     write_manifest(staging, manifest)

@@ -42,15 +42,37 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DataError(f"data: {path}: not a loadable tokenizer.json ({one_line(e)})") from None
 
 
+def _special_tokens(path: Path) -> dict:
+    """The Hugging Face tokenizer_config.json beside tokenizer file `path`, {} where there is none."""
+    try:
+        config = json.loads((Path(path).parent / TOKENIZER_CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return {}
+    return config if isinstance(config, dict) else {}
+
+
+def _token_text(value: object) -> str | None:
+    value = value.get("content") if isinstance(value, dict) else value  # older files hold an AddedToken dict
+    return value if isinstance(value, str) and value else None
+
+
 def eos_token(path: Path) -> str:
     """The end-of-document token of tokenizer file `path`: the eos_token of a Hugging Face tokenizer_config.json
     beside it, else EOS_TOKEN."""
-    try:
-        token = json.loads((Path(path).parent / TOKENIZER_CONFIG).read_text()).get("eos_token")
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
-        return EOS_TOKEN
-    token = token.get("content") if isinstance(token, dict) else token  # older files hold an AddedToken dict
-    return token if isinstance(token, str) and token else EOS_TOKEN
+    return _token_text(_special_tokens(path).get("eos_token")) or EOS_TOKEN
+
+
+def bos_id(tokenizer: Tokenizer, path: Path) -> int | None:
+    """The id of the token that starts every document, where a tokenizer_config.json beside `path` asks for one
+    (add_bos_token, as Llama and Mixtral do); None where documents start with their text."""
+    config = _special_tokens(path)
+    token = _token_text(config.get("bos_token")) if config.get("add_bos_token") else None
+    if token is None:
+        return None
+    token_id = tokenizer.token_to_id(token)
+    if token_id is None:
+        raise DataError(f"data: {path}: tokenizer has no {token} token (the bos_token of its {TOKENIZER_CONFIG})")
+    return token_id
 
 
 def eos_id(tokenizer: Tokenizer, path: Path) -> int:

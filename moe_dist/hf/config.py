@@ -28,17 +28,18 @@ class Family:
     expert_hidden_key: str
     moe_block: str  # the MoE module under model.layers.<i>.
     expert_names: tuple[str, str, str]  # per-expert keys of (gate, up, down): experts.<j>.<name>.weight
+    default_rope_theta: float  # transformers' value when config.json has none
 
 
 FAMILIES = {f.model_type: f for f in (
     Family("mixtral", "MixtralForCausalLM", "num_local_experts", "intermediate_size", "block_sparse_moe",
-           ("w1", "w3", "w2")),
+           ("w1", "w3", "w2"), 1e6),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj")),
+           ("gate_proj", "up_proj", "down_proj"), 1e4),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj")),
+           ("gate_proj", "up_proj", "down_proj"), 1e4),
     Family("olmoe", "OlmoeForCausalLM", "num_experts", "intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj")),
+           ("gate_proj", "up_proj", "down_proj"), 1e4),
 )}
 
 # config.json key -> moe_dist key, for the keys that mean the same thing in every family.
@@ -58,6 +59,12 @@ FIXED = {"moe.score_func": "softmax", "moe.capacity_factor": 0.0, "moe.aux_free_
 
 def is_hf_dir(path: str | Path | None) -> bool:
     return path is not None and path != "" and (Path(path) / HF_CONFIG).is_file()
+
+
+def hf_tokenizer(directory: str | Path) -> Path | None:
+    """The tokenizer.json of a Hugging Face model dir, if it has one."""
+    path = Path(directory) / "tokenizer.json"
+    return path if path.is_file() else None
 
 
 def aux_loss_coef_from_hf(router_aux_loss_coef: float, top_k: int, moe_layers: int) -> float:
@@ -117,7 +124,7 @@ def _check_attention(family: Family, data: dict, path: Path) -> None:
     default_head = data["hidden_size"] // data["num_attention_heads"]
     refuse_if(family.model_type == "olmoe" and data.get("head_dim") not in (None, default_head), "head_dim",
               "OLMoE's k_norm is sized by hidden_size / num_attention_heads")
-    rope = data.get("rope_parameters") or {"rope_theta": data.get("rope_theta", 1e6), "rope_type": "default"}
+    rope = data.get("rope_parameters") or {"rope_type": "default"}
     refuse_if(rope.get("rope_type", "default") != "default" or data.get("rope_scaling") is not None,
               "rope_parameters" if "rope_parameters" in data else "rope_scaling",
               "moe_dist's rotary embedding is unscaled")
@@ -147,6 +154,7 @@ def hf_values(directory: str | Path) -> dict[str, object]:
     if data.get(family.num_experts_key) is None and "num_local_experts" in data:  # Qwen3-MoE's alias, which
         data[family.num_experts_key] = data["num_local_experts"]  # transformers 5 writes for num_experts
     required = [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, "router_aux_loss_coef"]
+    required += [] if family.model_type == "olmoe" else ["num_key_value_heads"]  # OLMoE's default: the heads
     required += {"qwen2_moe": ["intermediate_size", "shared_expert_intermediate_size"],
                  "qwen3_moe": ["intermediate_size"]}.get(family.model_type, [])
     missing = [key for key in required if data.get(key) is None]
@@ -157,7 +165,8 @@ def hf_values(directory: str | Path) -> dict[str, object]:
     values["model.n_kv_heads"] = data.get("num_key_value_heads") or data["num_attention_heads"]
     if data.get("head_dim") not in (None, data["hidden_size"] // data["num_attention_heads"]):
         values["model.head_dim"] = data["head_dim"]
-    values["model.rope_theta"] = (data.get("rope_parameters") or {}).get("rope_theta", data.get("rope_theta", 1e6))
+    rope_theta = data.get("rope_theta", family.default_rope_theta)
+    values["model.rope_theta"] = (data.get("rope_parameters") or {}).get("rope_theta", rope_theta)
     try:
         shape = load_config(None, {**values, "data.seq_len": 1, "parallel.ep": 1})
     except ConfigError as e:  # a value out of range, named by our key: name the file too
@@ -178,13 +187,13 @@ def config_from_hf(directory: str | Path, overrides: dict[str, object] | None = 
 def with_init_from(name: str | None, overrides: dict[str, object]) -> Config:
     """The run's config when train.init_from names a Hugging Face dir: the TOML file, then the model and moe
     values of its config.json, then the command line's overrides (which win: e.g. moe.capacity_factor)."""
-    cfg = load_config(name, overrides)
-    if not cfg.train.init_from:
-        return cfg
-    if not is_hf_dir(cfg.train.init_from):
-        raise ConfigError(f"config: train.init_from = {cfg.train.init_from!r} is not a Hugging Face model dir "
+    init_from = load_config(name, overrides, check=False).train.init_from  # checked with the model's values below
+    if not init_from:
+        return load_config(name, overrides)
+    if not is_hf_dir(init_from):
+        raise ConfigError(f"config: train.init_from = {init_from!r} is not a Hugging Face model dir "
                           f"(no {HF_CONFIG} in it)")
-    return load_config(name, {**hf_values(cfg.train.init_from), **overrides})
+    return load_config(name, {**hf_values(init_from), **overrides})
 
 
 def family_of(cfg: Config) -> Family:
@@ -235,7 +244,7 @@ def _dense_layers_key(cfg: Config) -> str:
     return f"moe.dense_layers = {moe.dense_layers}"
 
 
-def hf_config(cfg: Config, family: Family, dtype: str, eos: int | None) -> dict:
+def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int | None) -> dict:
     """config.json for the family's transformers class (checked with family_blocker first)."""
     m, moe = cfg.model, cfg.moe
     out = {"architectures": [family.architecture], "model_type": family.model_type, "torch_dtype": dtype,
@@ -244,9 +253,7 @@ def hf_config(cfg: Config, family: Family, dtype: str, eos: int | None) -> dict:
            family.num_experts_key: moe.num_experts, family.expert_hidden_key: moe.expert_hidden,
            "router_aux_loss_coef": aux_loss_coef_to_hf(moe.aux_loss_coef, moe.top_k, moe_layer_count(cfg)),
            "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
-           "output_router_logits": False,
-           # Our tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
-           "bos_token_id": eos, "eos_token_id": eos}
+           "output_router_logits": False, "bos_token_id": bos, "eos_token_id": eos}
     if family.model_type == "mixtral":
         return {**out, "sliding_window": None, "router_jitter_noise": 0.0}
     out["norm_topk_prob"] = moe.renormalize

@@ -19,7 +19,7 @@ from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.config import Config
-from moe_dist.hf.config import HF_CONFIG, Family, config_from_hf, family_of, read_hf_config
+from moe_dist.hf.config import HF_CONFIG, Family, config_from_hf, read_hf_config
 from moe_dist.model.transformer import Transformer, is_moe_layer
 from moe_dist.parallel.materialize import materialize
 
@@ -106,9 +106,12 @@ class HFCheckpoint:
         else:
             raise CheckpointError(f"import: {self.directory}: no {SINGLE_FILE} or {INDEX_FILE} beside {HF_CONFIG}")
         self.files = files
-        for path in sorted(set(files.values())):
+        by_file: dict[Path, list[str]] = {}
+        for key, path in files.items():
+            by_file.setdefault(path, []).append(key)
+        for path, keys in sorted(by_file.items()):
             present = set(self._handle(path).keys())
-            listed = next((key for key, p in files.items() if p == path and key not in present), None)
+            listed = next((key for key in keys if key not in present), None)
             if listed is not None:
                 raise CheckpointError(f"import: {index}: lists {listed} in {path.name}, which does not hold it")
 
@@ -198,8 +201,6 @@ class HFWeights:
             self.checkpoint.close()
 
     def _read(self, source: Plain | Experts, name: str, block: Block) -> Tensor:
-        if any(s.stop <= s.start for s in block):
-            return torch.empty([s.stop - s.start for s in block])
         if isinstance(source, Plain):
             key = source.key if source.key in self.checkpoint else source.alias
             return self.checkpoint.read(key, block)
@@ -211,12 +212,6 @@ class HFWeights:
                             for j in range(experts.start, experts.stop)])
 
 
-def hf_tokenizer(directory: str | Path) -> Path | None:
-    """The tokenizer.json of a Hugging Face model dir, if it has one."""
-    path = Path(directory) / "tokenizer.json"
-    return path if path.is_file() else None
-
-
 def open_hf_weights(cfg: Config) -> HFWeights:
     """The weights of train.init_from, checked (headers only) against the model `cfg` describes."""
     family, _, _ = read_hf_config(cfg.train.init_from)
@@ -226,13 +221,12 @@ def open_hf_weights(cfg: Config) -> HFWeights:
 
 
 def import_model(directory: str | Path, overrides: dict[str, object] | None = None) -> tuple[Transformer, Config]:
-    """The Hugging Face model in `directory` as one moe_dist Transformer on the CPU, and its config: the
-    single-process model that a sharded import equals."""
-    cfg = config_from_hf(directory, overrides)
+    """The Hugging Face model in `directory` as one moe_dist Transformer on the CPU, and its config: what
+    generate and export load from a Hugging Face dir, and the single-process model a sharded import equals."""
+    cfg = config_from_hf(directory, {**(overrides or {}), "train.init_from": str(directory)})
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.moe)
-    weights = HFWeights(directory, cfg, family_of(cfg), {name: p.shape for name, p in model.named_parameters()})
-    materialize(model, torch.device("cpu"), weights.read)
+    materialize(model, torch.device("cpu"), open_hf_weights(cfg).read)
     return model, cfg
 
 
