@@ -2,7 +2,7 @@
 
 Shard sizes follow `moe_dist.parallel` exactly: dense tensors are split on dim 0 over all ranks;
 under EP each rank holds E / ep experts, split over the dp_shard ranks that hold the same ones, on dim 0
-when they divide evenly and on dim 1 otherwise (`expert_shard_dim`); FSDP2 cuts like `torch.chunk`, so
+when they divide evenly and on dim 2 otherwise (`expert_shard_dim`); FSDP2 cuts like `torch.chunk`, so
 rank 0 has the largest shard of every tensor.
 Activations are estimated from what autograd saves in this model's forward (see `activation_bytes`).
 """

@@ -75,7 +75,7 @@ def assert_layout(model, ep: int) -> None:
         assert isinstance(moe.dispatch, AllToAllDispatcher) == (ep > 1), moe.dispatch
         for name, w in moe.experts.named_parameters():
             names = w.device_mesh.mesh_dim_names
-            if "dp_shard" in names:  # FSDP's cut: dim 1 where the local experts do not divide over its ranks
+            if "dp_shard" in names:  # FSDP's cut: dim 2 where the local experts do not divide over its ranks
                 i = names.index("dp_shard")
                 assert w.placements[i].dim == expert_shard_dim(w.shape[0] // ep, w.device_mesh.size(i)), name
             if ep == 1:

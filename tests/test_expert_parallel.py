@@ -112,7 +112,7 @@ def test_ten_steps_follow_single_process(world_size, ep):
 
 @pytest.mark.slow
 def test_experts_that_do_not_divide_over_their_shard_ranks():
-    """6 experts at ep 2 x dp_shard 2: each EP rank's 3 experts are cut on dim 1 by FSDP (checked by
+    """6 experts at ep 2 x dp_shard 2: each EP rank's 3 experts are cut on dim 2 by FSDP (checked by
     assert_layout), with gradient clipping on, three steps."""
     cfg = small_config(**{"train.steps": "3", "moe.num_experts": "6", "moe.top_k": "2", "optim.grad_clip": "0.05"})
     batches = global_batches(cfg, 3, 4)

@@ -18,7 +18,7 @@ def test_fsdp_matches_single_process(world_size):
     variants = []
     for overrides in ({}, {"train.grad_accum": "2"}, {"parallel.activation_checkpoint": "true"},
                       {"moe.aux_free_bias": "true", "moe.bias_update_rate": "0.01", "train.grad_accum": "2"},
-                      {"moe.num_experts": "6"}):  # at world 4, 6 experts do not divide: FSDP cuts them on dim 1
+                      {"moe.num_experts": "6"}):  # at world 4, 6 experts do not divide: FSDP cuts them on dim 2
         cfg = small_config(**{"train.steps": str(STEPS), **overrides})
         variants.append((cfg, global_batches(cfg, STEPS, world_size)))
     per_rank = run_on_ranks(run_variants, world_size, variants)

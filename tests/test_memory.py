@@ -39,7 +39,7 @@ def allocated_worker(rank, world_size, cfg, batches):
 @pytest.mark.parametrize("world_size,ep", [(2, 1), (4, 1), (4, 2)])
 def test_planner_matches_allocated_shards(world_size, ep):
     # Sizes that torch.chunk cuts unevenly: vocab 251; 6 experts over 4 ranks and 3 local experts over 2
-    # dp_shard ranks, which FSDP cuts on dim 1.
+    # dp_shard ranks, which FSDP cuts on dim 2.
     cfg = small_config(**{"model.vocab_size": "251", "moe.num_experts": "6", "parallel.ep": str(ep)})
     results = run_on_ranks(allocated_worker, world_size, cfg, global_batches(cfg, 1, world_size))
     for rank, (params, grads, states) in enumerate(results):

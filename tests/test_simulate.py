@@ -27,9 +27,9 @@ def test_3b_at_world_64_holds_the_planned_shards():
     for got, want in pairs:
         assert got.shapes == want.shapes, got.rank
         assert (got.params, got.grads, got.optimizer) == (want.params, want.grads, want.optimizer), got.rank
-        # 2 experts per EP rank over 8 dp_shard ranks are cut on dim 1: every rank holds a slice of both
+        # 2 experts per EP rank over 8 dp_shard ranks are cut on dim 2: every rank holds a slice of both
         expert = got.shapes["layers.1.ffn.experts.w1"]
-        assert expert == (2, 2048 // 8, 1792), expert
+        assert expert == (2, 2048, 1792 // 8), expert
     sizes = [got.params for got, _ in pairs]
     assert max(sizes) / min(sizes) < 1.01  # balanced (cut on dim 0, rank 0 held 30x rank 63)
 

@@ -18,7 +18,7 @@ LAYOUTS = {1: [1], 2: [1, 2], 4: [1, 2, 4]}  # world size: its eps; dp_shard is 
 
 def configs(ep: int):
     """The test config (with a shared expert and a dense first layer) and tiny, both with an aux-free bias; where
-    ep divides 6, the test config with 6 experts too (at world 4, FSDP cuts those on dim 1)."""
+    ep divides 6, the test config with 6 experts too (at world 4, FSDP cuts those on dim 2)."""
     cfgs = [small_config(**{"moe.shared_expert_hidden": "32", "moe.aux_free_bias": "true", "train.seed": "5"}),
             load_config("tiny", {"moe.aux_free_bias": "true", "parallel.ep": "1"})]
     if 6 % ep == 0:

@@ -31,10 +31,12 @@ def apply_activation_checkpointing(model: Transformer) -> None:
 
 def expert_shard_dim(local_experts: int, ranks: int) -> int:
     """The dim FSDP cuts an [E_local, ...] expert tensor on over `ranks`: dim 0 when the experts divide evenly,
-    else dim 1 (D or the hidden size, thousands of rows). Cut on dim 0, 2 experts over 8 ranks would leave 6
+    else dim 2 (the hidden size or D, thousands of rows). Cut on dim 0, 2 experts over 8 ranks would leave 6
     ranks holding no expert weights and 2 holding all of them (the 3b config at ep 8 x dp_shard 8: rank 0 held
-    30x rank 63's parameters)."""
-    return 0 if local_experts % ranks == 0 else 1
+    30x rank 63's parameters). Dim 2 rather than 1: it is the row dim of each expert's matrix in Hugging Face
+    checkpoints (gate/up [hidden, D], down [D, hidden]), so an imported rank reads whole rows, not a column
+    strip touching every page of its experts."""
+    return 0 if local_experts % ranks == 0 else 2
 
 
 def _expert_placement(model: Transformer, ranks: int, ep: int) -> Callable[[nn.Parameter], Shard | None]:
