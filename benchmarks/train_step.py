@@ -3,7 +3,9 @@
 One process, the trainer's own code path (`build_model` with FSDP2 on a one-rank mesh, `train_step`,
 AdamW, fused on CUDA), synthetic tokens. MFU = tokens/s x `training_flops_per_token` (active
 parameters) / peak, the peak being a matmul measured in the same run on CPU (fp32) and the
-datasheet's dense bf16 figure on known GPUs.
+datasheet's dense bf16 figure on known GPUs. Each config also runs with document masking (packed
+documents of seq_len / 4 tokens on average, data.document_mask): its step time over the plain causal
+step's, measured in the same run.
 """
 
 from __future__ import annotations
@@ -11,7 +13,7 @@ from __future__ import annotations
 import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.distributed as dist
@@ -19,6 +21,7 @@ import torch.distributed as dist
 from benchmarks.common import (datasheet_peak, environment, human, markdown_table, matmul_flops, parser, setup,
                                sync, write_results)
 from moe_dist.config import Config, load_config
+from moe_dist.data.loader import Batch
 from moe_dist.model import moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import build_mesh, init_distributed
@@ -32,6 +35,7 @@ class Run:
     seq_len: int = 0  # 0 = the config's
     micro_batch: int = 0
     steps: int = 5
+    document_mask: bool = False
 
 
 # On CPU, small runs at a reduced sequence length and batch (from 1024 x 16) to take seconds a step.
@@ -53,7 +57,11 @@ def run_config(run: Run, device: torch.device, compile_blocks: bool) -> tuple[Co
     d = cfg.data
     g = torch.Generator().manual_seed(0)
     tokens = torch.randint(cfg.model.vocab_size, (d.micro_batch, d.seq_len + 1), generator=g).to(device)
-    batch = [(tokens[:, :-1], tokens[:, 1:])]
+    batch = Batch(tokens[:, :-1], tokens[:, 1:])
+    if run.document_mask:  # documents starting with probability 4 / seq_len at each token
+        starts = torch.rand(d.micro_batch, d.seq_len, generator=g) < 4 / d.seq_len
+        batch = batch._replace(segments=torch.cumsum(starts, 1).to(device))
+    batch = [batch]
     times = []
     for step in range(run.steps + 2):  # two warmup steps: first-touch allocation, compilation
         sync(device)
@@ -78,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     device = setup(args)
     env = environment(device)
-    runs = GPU_RUNS if device.type == "cuda" else CPU_FULL if args.full else CPU_QUICK
+    plain = GPU_RUNS if device.type == "cuda" else CPU_FULL if args.full else CPU_QUICK
+    runs = [r for run in plain for r in (run, replace(run, document_mask=True))]
     peak = datasheet_peak(device)
     peak_source = "datasheet, dense bf16"
     if peak is None:
@@ -100,11 +109,16 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-    rows = [[r["config"] + (" (reduced)" if r["reduced"] else ""), r["seq_len"], r["micro_batch"],
+    rows = [[r["config"] + (" (reduced)" if r["reduced"] else "") + (", document mask" if r["document_mask"] else ""),
+             r["seq_len"], r["micro_batch"],
              human(r["params"]), human(r["active_params"]), f"{r['step_s'] * 1e3:.0f}", human(r["tokens_per_s"]),
              human(r["flops_per_token"]), f"{r['mfu']:.1%}"] for r in results]
     print(markdown_table(["config", "seq_len", "micro_batch", "params", "active", "step ms", "tokens/s",
                           "FLOPs/token", "MFU"], rows))
+    ratios = [[r["config"], r["seq_len"], r["micro_batch"], f"{m['step_s'] / r['step_s']:.2f}x"]
+              for r, m in zip(results[::2], results[1::2])]
+    print("\ndocument masking: step time over the causal step's (target: at most 1.3x)\n")
+    print(markdown_table(["config", "seq_len", "micro_batch", "masked / causal"], ratios))
     if any(r["reduced"] for r in results):
         print("\n(reduced): seq_len and micro_batch lowered from the config's so that a CPU step takes seconds; "
               "FLOPs/token is counted at the reduced seq_len.")

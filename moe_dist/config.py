@@ -93,6 +93,8 @@ class DataConfig:
     val_fraction: float = num(0.02, "[0, 1)")
     text_field: str = "text"
     seed: int = num(1234, "[0, inf)")
+    document_mask: bool = False  # attention within each document of a packed window; no loss across a boundary
+    restart_positions: bool = False  # with document_mask: rotary positions restart at every document
 
 
 @dataclass
@@ -369,6 +371,8 @@ def validate(cfg: Config) -> None:
         _check(p.ep in (0, 1), f"parallel.ep = {p.ep} needs moe.num_experts > 0")
     _check(p.dp_shard != 0, f"parallel.dp_shard = {p.dp_shard} must be -1 (the rest) or >= 1")
     _check(cfg.data.text_field != "", "data.text_field must not be empty")
+    _check(cfg.data.document_mask or not cfg.data.restart_positions,
+           "data.restart_positions = true needs data.document_mask = true")
     _check(not cfg.metrics.tensorboard or importlib.util.find_spec("tensorboard") is not None,
            "metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)")
 

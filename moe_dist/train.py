@@ -20,7 +20,7 @@ from moe_dist.checkpoint import CheckpointError, latest_checkpoint, step_dir_nam
 from moe_dist.cli import error_line
 from moe_dist.config import Config, ConfigError, parse_args
 from moe_dist.data import DataError
-from moe_dist.data.loader import DataLoader
+from moe_dist.data.loader import IGNORE, Batch, DataLoader
 from moe_dist.hf.config import with_init_from
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers
@@ -32,7 +32,6 @@ from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolv
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.startup import RunError, check_run, start_run
 
-Batch = tuple[Tensor, Tensor]
 
 
 class DivergedError(RuntimeError):
@@ -62,56 +61,81 @@ def mean_over_ranks(value: Tensor) -> float:
 
 
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten())
+    """Mean cross-entropy over the targets that count (IGNORE marks the others)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
-def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
-               max_grad_norm: float) -> StepResult:
-    """One optimizer step over `micro_batches` (gradient accumulation), then the router bias update.
+def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
+    """Summed cross-entropy over the targets that count: divided by the global batch's count, not a mean per
+    rank, it is the single-process loss whatever each rank holds."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
-    A non-finite loss or gradient norm (both global, so every rank agrees) skips the update.
-    """
+
+def forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
+    return model(batch.inputs, segments=batch.segments, positions=batch.positions)
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[Batch]) -> StepResult:
+    """Forward and backward over `micro_batches` (gradient accumulation): the gradients of the loss, which is the
+    sum over every target that counts in the global batch (all ranks, all micro-batches) divided by their global
+    count, so masks that leave ranks with different counts still give the single-process loss and gradients.
+    Returns the step's loss, aux loss and routing counts (grad_norm not yet known: nan)."""
     model.train()
+    micro_batches = [Batch(*b) for b in micro_batches]
     layers = moe_layers(model)
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    counted = sum_over_ranks(torch.stack([(b.targets != IGNORE).sum() for b in micro_batches]).sum().float())
+    # FSDP averages gradients over the ranks: scaling by world makes that average the gradient of the global sum.
+    scale = world / counted.clamp(min=1)
     ce_sum = aux_sum = torch.zeros(())
     load, dropped = None, torch.zeros(len(layers))
-    for i, (inputs, targets) in enumerate(micro_batches):
+    for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        logits, aux_loss = model(inputs)
-        ce = loss_fn(logits, targets)
-        ((ce + aux_loss) / len(micro_batches)).backward()
+        logits, aux_loss = forward(model, batch)
+        ce = loss_sum(logits, batch.targets)
+        (ce * scale.to(ce.device) + aux_loss / len(micro_batches)).backward()
         ce_sum = ce_sum + ce.detach().cpu()
         aux_sum = aux_sum + aux_loss.detach().cpu()
         if layers:
             counts = torch.stack([m.last_counts for m in layers]).cpu()
             load = counts if load is None else load + counts
             dropped += torch.stack([m.last_dropped for m in layers]).cpu()
-    n, world = len(micro_batches), dist.get_world_size() if dist.is_initialized() else 1
-    totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum]) / n, dropped]))  # one collective
-    loss, aux = (totals[:2] / world).tolist()
-    dropped = totals[2:].long() if layers else None
-    grad_norm = clip_grad_norm_(list(model.parameters()), max_grad_norm)
-    if not (math.isfinite(loss) and math.isfinite(grad_norm)):
+    totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum / len(micro_batches)]), dropped]))
+    loss, aux = (totals[0] / counted.clamp(min=1)).item(), (totals[1] / world).item()
+    return StepResult(loss, aux, math.nan, load, totals[2:].long() if layers else None)
+
+
+def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
+               max_grad_norm: float) -> StepResult:
+    """One optimizer step over `micro_batches` (accumulate_gradients), then the router bias update.
+
+    A non-finite loss or gradient norm (both global, so every rank agrees) skips the update.
+    """
+    result = accumulate_gradients(model, micro_batches)
+    result.grad_norm = clip_grad_norm_(list(model.parameters()), max_grad_norm)
+    if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
         optimizer.zero_grad(set_to_none=True)
-        return StepResult(loss, aux, grad_norm, load, dropped, skipped=True)
+        result.skipped = True
+        return result
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
     scheduler.step()
-    for layer, counts in zip(layers, load if load is not None else []):
+    for layer, counts in zip(moe_layers(model), result.expert_load if result.expert_load is not None else []):
         layer.router.update_expert_bias(counts.to(layer.router.expert_bias.device))
-    return StepResult(loss, aux, grad_norm, load, dropped)
+    return result
 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: list[Batch]) -> float:
-    """Mean validation cross-entropy over `batches` and all ranks."""
+    """Validation cross-entropy over `batches` and all ranks: the sum over the targets that count / their count."""
     model.eval()
-    total = torch.zeros(())
-    for inputs, targets in batches:
-        logits, _ = model(inputs)
-        total += loss_fn(logits, targets).cpu()
-    return mean_over_ranks(total / len(batches))
+    total = torch.zeros(2)
+    for batch in map(lambda b: Batch(*b), batches):
+        logits, _ = forward(model, batch)
+        total += torch.stack([loss_sum(logits, batch.targets).cpu(), (batch.targets != IGNORE).sum().cpu()])
+    total = sum_over_ranks(total)
+    return (total[0] / total[1].clamp(min=1)).item()
 
 
 def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime, read: BlockReader | None = None) -> nn.Module:
@@ -127,7 +151,7 @@ def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime, read: BlockRead
 
 
 def to_device(batch: Batch, device: torch.device) -> Batch:
-    return tuple(t.to(device, non_blocking=True) for t in batch)
+    return Batch(*(t if t is None else t.to(device, non_blocking=True) for t in batch))
 
 
 @torch.no_grad()
@@ -169,10 +193,9 @@ class Trainer:
         start = start_run(cfg, runtime.rank, runtime.world_size, resume, overwrite)
         self.run_dir, self.checkpointer = start.run_dir, start.checkpointer
         d = cfg.data
-        self.train_data = DataLoader(start.data_dir, "train", d.seq_len, d.micro_batch, runtime.rank,
-                                     runtime.world_size, d.seed)
-        self.val_data = DataLoader(start.data_dir, "val", d.seq_len, d.micro_batch, runtime.rank, runtime.world_size,
-                                   d.seed)
+        self.train_data, self.val_data = (
+            DataLoader(start.data_dir, split, d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed,
+                       d.document_mask, d.restart_positions) for split in ("train", "val"))
         self.model = build_model(cfg, mesh, runtime, start.init_weights and start.init_weights.read)
         self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from moe_dist.data import DataError, corpus
-from moe_dist.data.loader import DataLoader, TokenShards, check_compatible
+from moe_dist.data.loader import LOSS, DataLoader, TokenShards, check_compatible
 from moe_dist.data.manifest import FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record
 from moe_dist.data.prep import prepare, val_documents
 from moe_dist.data.tokenizer import file_hash, load_tokenizer
@@ -39,7 +39,8 @@ def _decode_docs(data_dir: Path) -> list[str]:
     """Both splits' token streams, cut at EOS and decoded."""
     manifest = read_manifest(data_dir)
     tok = load_tokenizer(data_dir / manifest["tokenizer"]["file"])
-    stream = np.concatenate([TokenShards(data_dir, s).read(0, len(TokenShards(data_dir, s))) for s in ("train", "val")])
+    stream = np.concatenate([TokenShards(data_dir, s).read(0, len(TokenShards(data_dir, s)))[0]
+                             for s in ("train", "val")])
     assert stream[-1] == manifest["eos_id"]
     cuts = np.flatnonzero(stream == manifest["eos_id"])
     return [tok.decode(doc.tolist()) for doc in np.split(stream, cuts + 1)[:-1]]
@@ -68,8 +69,9 @@ def test_prep_round_trip(tmp_path, capsys):
         for shard in split["shards"]:
             with pa.memory_map(str(out / shard["file"])) as source:
                 table = pa.ipc.open_file(source).read_all()
-            assert table.schema == pa.schema([("tokens", pa.uint16())]) and table.num_rows == shard["tokens"]
-    assert TokenShards(out, "train").chunks[0].dtype == np.uint16
+            assert table.schema == pa.schema([("tokens", pa.uint16()), ("flags", pa.uint8())])
+            assert table.num_rows == shard["tokens"]
+    assert TokenShards(out, "train").chunks[0][0].dtype == np.uint16
 
 
 @pytest.mark.parametrize("tokens, fraction, expected", [
@@ -98,7 +100,7 @@ def test_prep_reuses_and_rebuilds(tmp_path, capsys):
     assert read_manifest(again)["tokenizer"]["hash"] == read_manifest(out)["tokenizer"]["hash"]
     for split in ("train", "val"):
         a, b = TokenShards(out, split), TokenShards(again, split)
-        assert np.array_equal(a.read(0, len(a)), b.read(0, len(b)))
+        assert all(np.array_equal(x, y) for x, y in zip(a.read(0, len(a)), b.read(0, len(b))))
 
 
 @pytest.mark.parametrize("name, content, where", [
@@ -139,10 +141,11 @@ def _arange_dir(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 
         shards = []
         for k, start in enumerate(range(0, n, shard_tokens)):
             tokens = np.arange(start, min(start + shard_tokens, n), dtype=np.uint16)
-            schema = pa.schema([("tokens", pa.uint16())],
+            flags = np.full(len(tokens), LOSS, dtype=np.uint8)
+            schema = pa.schema([("tokens", pa.uint16()), ("flags", pa.uint8())],
                                metadata={SHARD_TOKENIZER_KEY: file_hash(root / "tokenizer.json")})
             with pa.ipc.new_file(str(root / f"{split}-{k:05d}.arrow"), schema) as writer:
-                writer.write_batch(pa.record_batch([pa.array(tokens)], schema=schema))
+                writer.write_batch(pa.record_batch([pa.array(tokens), pa.array(flags)], schema=schema))
             shards.append(shard_record(root / f"{split}-{k:05d}.arrow", len(tokens)))
         splits[split] = {"shards": shards, "tokens": n, "documents": 1}
     manifest = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "dtype": "uint16", "eos_id": 0, "splits": splits,
@@ -165,7 +168,7 @@ def test_loader_ranks_disjoint_and_cover_epoch(arange_dir, world):
     seen = []
     for _ in range(WINDOWS // (2 * world)):
         for loader in loaders:
-            inputs, targets = next(loader)
+            inputs, targets, *_ = next(loader)
             assert inputs.dtype == targets.dtype == torch.int64 and inputs.shape == (2, SEQ)
             assert torch.equal(targets, inputs + 1)  # targets are the inputs shifted by one
             assert torch.all(inputs[:, 0] % SEQ == 0)
@@ -181,7 +184,7 @@ def test_loader_one_rank_equals_concatenated_ranks(arange_dir):
     ranks = [DataLoader(arange_dir, "train", SEQ, micro, rank=r, world_size=world, seed=3) for r in range(world)]
     for _ in range(10):
         parts = [next(loader) for loader in ranks]
-        inputs, targets = next(single)
+        inputs, targets, *_ = next(single)
         assert torch.equal(inputs, torch.cat([p[0] for p in parts]))
         assert torch.equal(targets, torch.cat([p[1] for p in parts]))
     assert single.state_dict()["epoch"] == 2
@@ -199,7 +202,7 @@ def test_loader_resume_and_epochs(arange_dir):
         restored = DataLoader(arange_dir, "train", SEQ, 4, rank=1, world_size=2, seed=5)
         restored.load_state_dict(loader.state_dict())
         for _ in range(8):
-            assert all(torch.equal(a, b) for a, b in zip(next(loader), next(restored)))
+            assert all(torch.equal(a, b) for a, b in zip(next(loader)[:2], next(restored)[:2]))
 
 
 def test_val_loader_is_ordered_and_resettable(arange_dir):
@@ -211,7 +214,8 @@ def test_val_loader_is_ordered_and_resettable(arange_dir):
 
 
 def test_loader_errors(tmp_path, arange_dir):
-    with pytest.raises(DataError, match=r"split 'val' .* has 385 tokens, one global batch needs 417"):
+    with pytest.raises(DataError, match=r"split 'val' .* has 385 tokens in 48 windows of 8 \+ 1, one global batch "
+                                        r"needs 52 \(2 ranks x 26 sequences\)"):
         DataLoader(arange_dir, "val", SEQ, 26, rank=0, world_size=2)
     with pytest.raises(DataError, match="no manifest.json"):
         DataLoader(tmp_path / "nowhere", "train", SEQ, 2)

@@ -35,10 +35,10 @@ def test_bad_input_is_one_line_on_the_command_line(tmp_path):
 
 
 def poison_loss(monkeypatch, steps: set[int], poison):
-    """Make loss_fn return poison(loss) at these training steps (counting training calls only)."""
-    real, calls = moe_dist.train.loss_fn, []
+    """Make the training loss return poison(loss) at these training steps (counting training calls only)."""
+    real, calls = moe_dist.train.loss_sum, []
 
-    def loss_fn(logits, targets):
+    def loss_sum(logits, targets):
         loss = real(logits, targets)
         if logits.requires_grad:
             calls.append(1)
@@ -46,7 +46,7 @@ def poison_loss(monkeypatch, steps: set[int], poison):
                 return poison(loss)
         return loss
 
-    monkeypatch.setattr(moe_dist.train, "loss_fn", loss_fn)
+    monkeypatch.setattr(moe_dist.train, "loss_sum", loss_sum)
 
 
 def nan(loss):

@@ -1,8 +1,16 @@
-"""Memory-mapped token shards, rank-disjoint fixed-length batches, resumable position."""
+"""Memory-mapped token shards, rank-disjoint fixed-length batches, resumable position.
+
+Each token carries flags (prep writes them): DOC_START on a document's first token, LOSS where the token counts as
+a target. Windows of documents ("documents" data) are cut from the token stream; conversations ("chat" data) are
+packed whole, as many as fit, and padded. A target that does not count is IGNORE; with document masking, so is
+every target that starts a document (it would be predicted across the boundary), and the batch carries each
+token's document (`segments`) and, on request, its position within its document.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import pyarrow as pa
@@ -13,14 +21,26 @@ from moe_dist.data.manifest import MANIFEST, SHARD_TOKENIZER_KEY, read_manifest,
 from moe_dist.data.tokenizer import file_hash
 
 
-def _map_shard(path: Path, dtype: str, tokenizer_hash: str) -> list[np.ndarray]:
-    """Zero-copy numpy views of a shard's `tokens` record batches; DataError if another tokenizer made it."""
+DOC_START, LOSS = 1, 2  # token flags
+IGNORE = -100  # a target that does not count (cross_entropy's ignore_index)
+
+
+class Batch(NamedTuple):
+    inputs: torch.Tensor  # [B, S] int64
+    targets: torch.Tensor  # [B, S] int64, IGNORE where the loss does not count
+    segments: torch.Tensor | None = None  # [B, S] the document of each token (document masking)
+    positions: torch.Tensor | None = None  # [B, S] each token's position within its document
+
+
+def _map_shard(path: Path, dtype: str, tokenizer_hash: str) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Zero-copy numpy views of a shard's (tokens, flags) record batches; DataError if another tokenizer made
+    it."""
     try:
         reader = pa.ipc.open_file(pa.memory_map(str(path)))
     except (pa.ArrowException, OSError) as e:
         raise DataError(f"data: {path}: unreadable token shard ({one_line(e)})") from None
-    if "tokens" not in reader.schema.names:
-        raise DataError(f"data: {path}: no 'tokens' column (columns: {', '.join(reader.schema.names)})")
+    if reader.schema.names != ["tokens", "flags"]:
+        raise DataError(f"data: {path}: columns {', '.join(reader.schema.names)}, expected tokens, flags")
     kind = reader.schema.field("tokens").type
     if str(kind) != dtype:
         raise DataError(f"data: {path}: tokens are {kind} but the manifest says {dtype}")
@@ -28,7 +48,7 @@ def _map_shard(path: Path, dtype: str, tokenizer_hash: str) -> list[np.ndarray]:
     if made_with != tokenizer_hash:
         raise DataError(f"data: {path}: built with tokenizer {made_with}, but the manifest's is {tokenizer_hash} "
                         f"(shards of another prep?); prepare the data again")
-    return [reader.get_batch(i).column("tokens").to_numpy(zero_copy_only=True)
+    return [tuple(reader.get_batch(i).column(c).to_numpy(zero_copy_only=True) for c in ("tokens", "flags"))
             for i in range(reader.num_record_batches)]
 
 
@@ -47,29 +67,64 @@ class TokenShards:
         made_with = self.manifest["tokenizer"]["hash"]
         self.chunks = [a for s in shards
                        for a in _map_shard(self.data_dir / s["file"], self.manifest["dtype"], made_with)]
-        self.starts = np.cumsum([0] + [len(a) for a in self.chunks])
+        self.starts = np.cumsum([0] + [len(tokens) for tokens, _ in self.chunks])
 
     def __len__(self) -> int:
         return int(self.starts[-1])
 
-    def read(self, start: int, stop: int) -> np.ndarray:
-        """tokens[start:stop] of the stream: a view inside one chunk, a copy across chunks."""
+    def read(self, start: int, stop: int) -> tuple[np.ndarray, np.ndarray]:
+        """(tokens, flags)[start:stop] of the stream: views inside one chunk, copies across chunks."""
         i = int(np.searchsorted(self.starts, start, side="right")) - 1
         parts = []
         while start < stop:
             end = min(stop, int(self.starts[i + 1]))
-            parts.append(self.chunks[i][start - self.starts[i]:end - self.starts[i]])
+            parts.append(tuple(a[start - self.starts[i]:end - self.starts[i]] for a in self.chunks[i]))
             start, i = end, i + 1
-        return parts[0] if len(parts) == 1 else np.concatenate(parts)
+        if len(parts) == 1:
+            return parts[0]
+        return np.concatenate([t for t, _ in parts]), np.concatenate([f for _, f in parts])
+
+    def document_starts(self) -> np.ndarray:
+        """The stream offset of every document's first token, and the stream's end."""
+        starts = [np.flatnonzero(flags & DOC_START) + offset for (_, flags), offset in zip(self.chunks, self.starts)]
+        return np.concatenate([*starts, [len(self)]])
 
 
-def _check_global_batch(tokens: int, split: str, data_dir: Path | str, seq_len: int, micro_batch: int,
-                        world_size: int) -> None:
-    windows = max(tokens - 1, 0) // seq_len
+def pack_documents(starts: np.ndarray, window: int, where: str) -> tuple[np.ndarray, np.ndarray]:
+    """Whole documents (bounded by `starts`) packed in order into windows of at most `window` tokens: a window
+    takes documents until the next does not fit. Returns (first token, length) per window."""
+    lengths = np.diff(starts)
+    if lengths.size and lengths.max() > window:
+        raise DataError(f"data: {where} holds a conversation of {int(lengths.max())} tokens, more than data.seq_len "
+                        f"+ 1 = {window}; prepare it with --max-tokens {window} (truncating or dropping longer ones)")
+    first, length, begin, used = [], [], 0, 0
+    for i, n in enumerate(lengths.tolist()):
+        if used + n > window:
+            first.append(int(starts[begin]))
+            length.append(used)
+            begin, used = i, 0
+        used += n
+    if used:
+        first.append(int(starts[begin]))
+        length.append(used)
+    return np.array(first, dtype=np.int64), np.array(length, dtype=np.int64)
+
+
+def windows_of(shards: TokenShards, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """(first token, length) of every window: conversations packed whole, documents cut from the stream (window i
+    is tokens[i*seq_len : i*seq_len + seq_len + 1], so neighbours share one token)."""
+    if shards.manifest.get("kind") == "chat":
+        return pack_documents(shards.document_starts(), seq_len + 1, f"split {shards.split!r} of {shards.data_dir}")
+    count = max(len(shards) - 1, 0) // seq_len
+    return np.arange(count, dtype=np.int64) * seq_len, np.full(count, seq_len + 1, dtype=np.int64)
+
+
+def _check_global_batch(windows: int, tokens: int, split: str, data_dir: Path | str, seq_len: int,
+                        micro_batch: int, world_size: int) -> None:
     if windows < world_size * micro_batch:
-        raise DataError(f"data: split {split!r} of {data_dir} has {tokens:,} tokens, one global batch needs "
-                        f"{world_size * micro_batch * seq_len + 1:,} ({world_size} ranks x {micro_batch} sequences "
-                        f"x {seq_len} + 1)")
+        raise DataError(f"data: split {split!r} of {data_dir} has {tokens:,} tokens in {windows:,} windows of "
+                        f"{seq_len} + 1, one global batch needs {world_size * micro_batch} ({world_size} ranks x "
+                        f"{micro_batch} sequences)")
 
 
 def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_batch: int, world_size: int) -> None:
@@ -87,29 +142,32 @@ def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")
     for split in ("train", "val"):
-        _check_global_batch(len(TokenShards(data_dir, split)), split, data_dir, seq_len, micro_batch, world_size)
+        shards = TokenShards(data_dir, split)
+        windows = len(windows_of(shards, seq_len)[0])
+        _check_global_batch(windows, len(shards), split, data_dir, seq_len, micro_batch, world_size)
 
 
 class DataLoader:
-    """Infinite iterator of (inputs, targets) int64 [micro_batch, seq_len] batches of one split, for one rank.
+    """Infinite iterator of Batch [micro_batch, seq_len] of one split, for one rank.
 
-    Window i is tokens[i*seq_len : i*seq_len + seq_len + 1]: neighbours share one token, so each token but the first
-    is a target once per epoch. Each global step takes the next world_size*micro_batch windows of the epoch's order
-    and rank r gets the r-th micro_batch of them, so one rank with micro_batch W*B sees exactly what W ranks with B
-    see, concatenated in rank order. "train" shuffles the order per epoch, seeded by (seed, epoch); other splits keep
-    stream order, and reset() rewinds them so that every evaluation sees the same batches. An epoch ends when less
-    than a global batch of windows is left. The position is global, so state_dict() is the same on every rank.
+    Each global step takes the next world_size*micro_batch windows of the epoch's order and rank r gets the r-th
+    micro_batch of them, so one rank with micro_batch W*B sees exactly what W ranks with B see, concatenated in
+    rank order. "train" shuffles the order per epoch, seeded by (seed, epoch); other splits keep stream order, and
+    reset() rewinds them so that every evaluation sees the same batches. An epoch ends when less than a global
+    batch of windows is left. The position is global, so state_dict() is the same on every rank.
     """
 
     def __init__(self, data_dir: Path | str, split: str, seq_len: int, micro_batch: int, rank: int = 0,
-                 world_size: int = 1, seed: int = 0):
+                 world_size: int = 1, seed: int = 0, document_mask: bool = False, restart_positions: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"data: rank {rank} is outside world_size {world_size}")
         self.tokens = TokenShards(data_dir, split)
         self.seq_len, self.micro_batch, self.rank, self.seed = seq_len, micro_batch, rank, seed
+        self.document_mask, self.restart_positions = document_mask, restart_positions
         self.global_batch = world_size * micro_batch
-        self.n_windows = max(len(self.tokens) - 1, 0) // seq_len
-        _check_global_batch(len(self.tokens), split, data_dir, seq_len, micro_batch, world_size)
+        self.window_first, self.window_length = windows_of(self.tokens, seq_len)
+        self.n_windows = len(self.window_first)
+        _check_global_batch(self.n_windows, len(self.tokens), split, data_dir, seq_len, micro_batch, world_size)
         self.shuffle = split == "train"
         self.epoch = self.position = 0
         self._order_epoch, self._order = -1, np.arange(0)
@@ -126,17 +184,40 @@ class DataLoader:
     def __iter__(self) -> DataLoader:
         return self
 
-    def __next__(self) -> tuple[torch.Tensor, torch.Tensor]:
+    def _window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window i's tokens and flags, padded to seq_len + 1 with tokens 0 that start a document and never count."""
+        first, length = int(self.window_first[i]), int(self.window_length[i])
+        tokens, flags = self.tokens.read(first, first + length)
+        pad = self.seq_len + 1 - length
+        if pad:
+            tokens = np.concatenate([tokens, np.zeros(pad, tokens.dtype)])
+            flags = np.concatenate([flags, np.full(pad, 0, flags.dtype)])
+            flags[length] = DOC_START
+        return tokens, flags
+
+    def __next__(self) -> Batch:
         if self.position + self.global_batch > self.n_windows:
             self.epoch, self.position = self.epoch + 1, 0
         first = self.position + self.rank * self.micro_batch
-        windows = np.stack([self.tokens.read(i * self.seq_len, (i + 1) * self.seq_len + 1)
-                            for i in self._epoch_order()[first:first + self.micro_batch].tolist()])
+        windows = [self._window(i) for i in self._epoch_order()[first:first + self.micro_batch].tolist()]
         self.position += self.global_batch
         # The shards stay uint16/uint32 on disk and in the page cache; only the batch becomes int64.
-        inputs = torch.from_numpy(windows[:, :-1].astype(np.int64))
-        targets = torch.from_numpy(windows[:, 1:].astype(np.int64))
-        return inputs, targets
+        tokens = np.stack([t for t, _ in windows]).astype(np.int64)
+        flags = np.stack([f for _, f in windows])
+        counts = (flags[:, 1:] & LOSS) > 0
+        if self.document_mask:  # a target that starts a document would be predicted across the boundary
+            counts &= (flags[:, 1:] & DOC_START) == 0
+        targets = np.where(counts, tokens[:, 1:], IGNORE)
+        batch = Batch(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets))
+        if not self.document_mask:
+            return batch
+        starts = (flags[:, :-1] & DOC_START) > 0
+        segments = np.cumsum(starts, axis=1)
+        positions = None
+        if self.restart_positions:  # the index since the latest document start (or the window's start)
+            index = np.arange(self.seq_len)
+            positions = torch.from_numpy(index - np.maximum.accumulate(np.where(starts, index, 0), axis=1))
+        return batch._replace(segments=torch.from_numpy(segments), positions=positions)
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0."""

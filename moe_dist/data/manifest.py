@@ -9,7 +9,7 @@ from moe_dist.data import DataError, one_line
 from moe_dist.files import file_crc32
 
 MANIFEST = "manifest.json"
-FORMAT_VERSION = 3  # 3: each shard's size and CRC-32; the val split is cut by tokens
+FORMAT_VERSION = 4  # 3: each shard's size and CRC-32; the val split is cut by tokens; 4: token flags, chat kind
 SHARD_TOKENIZER_KEY = b"moe_dist.tokenizer_hash"
 SPLITS = ("train", "val")
 TOKEN_DTYPES = ("uint16", "uint32")

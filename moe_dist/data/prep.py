@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import collections
 import hashlib
-import itertools
 import json
 import multiprocessing as mp
 import os
@@ -23,6 +22,7 @@ import shutil
 import sys
 import time
 from collections.abc import Iterable, Iterator
+from dataclasses import asdict, dataclass
 from multiprocessing.pool import Pool
 from pathlib import Path
 
@@ -31,10 +31,13 @@ import pyarrow as pa
 
 from moe_dist.cli import OneLineParser, error_line
 from moe_dist.data import DataError
+from moe_dist.data.chat import ChatRenderer, Example, chat_template, read_examples
 from moe_dist.data.documents import check_file, find_inputs, read_documents
+from moe_dist.data.loader import DOC_START, LOSS
 from moe_dist.data.manifest import (FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record, verify_shards,
                                     write_manifest)
-from moe_dist.data.tokenizer import MIN_VOCAB, bos_id, eos_id, file_hash, load_tokenizer, train_tokenizer
+from moe_dist.data.tokenizer import (EOS_TOKEN, MIN_VOCAB, bos_id, bos_token, eos_id, eos_token, file_hash,
+                                     load_tokenizer, train_tokenizer)
 from moe_dist.files import staging_dir, swap_in, unwritable_reason
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -98,38 +101,86 @@ class _Progress:
               f" ({self.bytes / 1e6 / max(seconds, 1e-6):.1f} MB/s)", file=sys.stderr, flush=True)
 
 
-_worker: tuple = ()  # (tokenizer, [BOS id] or [], EOS id, dtype), set once per worker process
+@dataclass(frozen=True)
+class RecordOptions:
+    """What the inputs are and what to do with records that do not fit."""
+
+    chat: bool = False  # chat / prompt-completion .jsonl (supervised fine-tuning): loss on the answers only
+    max_tokens: int = 0  # a document's or conversation's most tokens; 0 = no limit
+    overlong: str = "truncate"  # truncate | drop, a document of more than max_tokens
+    bad_records: str = "error"  # error | skip (counted), a chat record that is not one
 
 
-def _init_worker(tokenizer_path: str, bos: int | None, eos: int, dtype: str) -> None:
+def _rows(count: int, dtype: str) -> np.ndarray:
+    """An empty token stream: each row a token and its flags (loader.DOC_START, loader.LOSS)."""
+    return np.zeros(count, dtype=[("tokens", dtype), ("flags", np.uint8)])
+
+
+_worker: tuple = ()  # (tokenizer, [BOS id] or [], EOS id, dtype, RecordOptions), set once per worker process
+
+
+def _init_worker(tokenizer_path: str, bos: int | None, eos: int, dtype: str, records: RecordOptions) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; one thread per worker
-    _worker = (load_tokenizer(Path(tokenizer_path)), [] if bos is None else [bos], eos, dtype)
+    _worker = (load_tokenizer(Path(tokenizer_path)), [] if bos is None else [bos], eos, dtype, records)
 
 
-def _encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray, int, int]:
-    """texts -> (ids of each non-empty document, BOS first where the tokenizer has one and EOS last, tokens per
-    non-empty document, documents, bytes)."""
-    tokenizer, bos, eos, dtype = _worker
-    docs = len(texts)
-    texts = [t for t in texts if t]  # an empty document would add a lone EOS
-    encodings = tokenizer.encode_batch(texts, add_special_tokens=False)
-    ids = np.fromiter(itertools.chain.from_iterable(bos + e.ids + [eos] for e in encodings), dtype=dtype)
-    lengths = np.array([len(bos) + len(e.ids) + 1 for e in encodings], dtype=np.int64)
-    return ids, lengths, docs, sum(len(t.encode()) for t in texts)
+def _document(encoding, item: str | Example, bos: list[int], eos: int) -> tuple[list[int], np.ndarray]:
+    """(ids, flags) of one document: BOS (where the tokenizer has one), its tokens and EOS, every one a target; or
+    one chat, as its template renders it, the targets being the tokens that start inside an answer's span."""
+    if isinstance(item, str):
+        ids = bos + encoding.ids + [eos]
+        return ids, np.full(len(ids), LOSS, dtype=np.uint8)
+    starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
+    answer = np.zeros(len(starts), dtype=bool)
+    for lo, hi in item.spans:
+        answer |= (starts >= lo) & (starts < hi)
+    return encoding.ids, np.where(answer, LOSS, 0).astype(np.uint8)
 
 
-def _tasks(files: list[Path], text_field: str) -> Iterator[list[str]]:
-    """Lists of documents of about CHUNK_BYTES, in input order."""
-    texts, size = [], 0
-    for text in itertools.chain.from_iterable(read_documents(f, text_field) for f in files):
-        texts.append(text)
-        size += len(text)
+def _encode(items: list[str | Example | None]) -> tuple[np.ndarray, np.ndarray, collections.Counter, int]:
+    """Documents or chats -> (rows, tokens per kept document, counts of what was seen and skipped, bytes)."""
+    tokenizer, bos, eos, dtype, records = _worker
+    counts = collections.Counter(records=len(items), bad=sum(item is None for item in items))
+    texts = [item if isinstance(item, str) else item.text for item in items if item is not None]
+    kept = [item for item in items if item is not None and (item if isinstance(item, str) else item.text)]
+    counts["empty"] = len(texts) - len(kept)  # an empty document would add a lone EOS
+    encodings = tokenizer.encode_batch([k if isinstance(k, str) else k.text for k in kept], add_special_tokens=False)
+    parts, lengths = [], []
+    for encoding, item in zip(encodings, kept):
+        ids, flags = _document(encoding, item, bos, eos)
+        if records.max_tokens and len(ids) > records.max_tokens:
+            counts["dropped" if records.overlong == "drop" else "truncated"] += 1
+            if records.overlong == "drop":
+                continue
+            ids, flags = ids[:records.max_tokens], flags[:records.max_tokens]
+        rows = _rows(len(ids), dtype)
+        rows["tokens"], rows["flags"] = ids, flags
+        rows["flags"][0] |= DOC_START
+        parts.append(rows)
+        lengths.append(len(ids))
+    rows = np.concatenate(parts) if parts else _rows(0, dtype)
+    return rows, np.array(lengths, dtype=np.int64), counts, sum(len(t.encode()) for t in texts)
+
+
+def _items(files: list[Path], text_field: str, renderer: ChatRenderer | None,
+           skip_bad: bool) -> Iterator[str | Example | None]:
+    """Every input record in order: a document's text, or (with a renderer) a chat's Example, None if skipped."""
+    for path in files:
+        yield from read_documents(path, text_field) if renderer is None else read_examples(path, renderer, skip_bad)
+
+
+def _tasks(items: Iterator[str | Example | None]) -> Iterator[list[str | Example | None]]:
+    """Lists of records of about CHUNK_BYTES, in input order."""
+    task, size = [], 0
+    for item in items:
+        task.append(item)
+        size += 0 if item is None else len(item if isinstance(item, str) else item.text)
         if size >= CHUNK_BYTES:
-            yield texts
-            texts, size = [], 0
-    if texts:
-        yield texts
+            yield task
+            task, size = [], 0
+    if task:
+        yield task
 
 
 def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
@@ -143,11 +194,11 @@ def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
         yield pending.popleft().get()
 
 
-def _write_shard(path: Path, tokens: np.ndarray, schema: pa.Schema) -> dict:
-    # One record batch per shard: the loader maps it as a single contiguous array.
+def _write_shard(path: Path, rows: np.ndarray, schema: pa.Schema) -> dict:
+    # One record batch per shard: the loader maps each column as a single contiguous array.
     with pa.ipc.new_file(str(path), schema) as writer:
-        writer.write_batch(pa.record_batch([pa.array(tokens)], schema=schema))
-    return shard_record(path, int(tokens.size))
+        writer.write_batch(pa.record_batch([pa.array(rows["tokens"]), pa.array(rows["flags"])], schema=schema))
+    return shard_record(path, int(rows.size))
 
 
 class _ShardWriter:
@@ -180,8 +231,11 @@ class _ShardWriter:
 
 
 def _read_shard(path: Path) -> np.ndarray:
-    """A shard's tokens, memory-mapped."""
-    return pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0).column(0).to_numpy()
+    """A shard's rows (tokens and flags), read into memory."""
+    batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
+    rows = _rows(batch.num_rows, str(batch.schema.field("tokens").type))
+    rows["tokens"], rows["flags"] = batch.column(0).to_numpy(), batch.column(1).to_numpy()
+    return rows
 
 
 def val_documents(doc_tokens: np.ndarray, val_fraction: float) -> tuple[int, int]:
@@ -236,19 +290,19 @@ def _split(staging: Path, stream: _ShardWriter, val_start: int, val_end: int) ->
     return train + rest.close(), val.close()
 
 
-def _tokenize(files: list[Path], text_field: str, staging: Path, tokenizer_path: Path, bos: int | None, eos: int,
-              dtype: str, workers: int, shard_tokens: int, val_fraction: float) -> dict:
-    schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype)))],
+def _tokenize(items: Iterator[str | Example | None], staging: Path, tokenizer_path: Path, bos: int | None, eos: int,
+              dtype: str, records: RecordOptions, workers: int, shard_tokens: int, val_fraction: float) -> dict:
+    schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype))), ("flags", pa.uint8())],
                        metadata={SHARD_TOKENIZER_KEY: file_hash(tokenizer_path)})
     stream = _ShardWriter(staging, "stream", shard_tokens, schema)
-    progress, lengths, docs = _Progress("tokenizing"), [], 0
+    progress, lengths, counts = _Progress("tokenizing"), [], collections.Counter()
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
-    with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), bos, eos, dtype)) as pool:
-        for ids, doc_lengths, n, nbytes in _in_order(pool, _tasks(files, text_field), 2 * workers):
-            stream.add(ids)
+    with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), bos, eos, dtype, records)) as pool:
+        for rows, doc_lengths, seen, nbytes in _in_order(pool, _tasks(items), 2 * workers):
+            stream.add(rows)
             lengths.append(doc_lengths)
-            docs += n
-            progress.update(n, nbytes, ids.size)
+            counts += seen
+            progress.update(seen["records"], nbytes, rows.size)
     progress.report()
     doc_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     first, last = val_documents(doc_tokens, val_fraction)
@@ -258,10 +312,13 @@ def _tokenize(files: list[Path], text_field: str, staging: Path, tokenizer_path:
     return {"train": {"shards": train, "tokens": int(offsets[-1]) - val_tokens,
                       "documents": len(doc_tokens) - (last - first)},
             "val": {"shards": val, "tokens": val_tokens, "documents": last - first},
-            "empty_documents": docs - len(doc_tokens)}
+            "skipped": {why: counts[why] for why in ("empty", "bad", "truncated", "dropped")}}
 
 
-def _check_options(vocab_size: int, workers: int, shard_tokens: int, val_fraction: float, train_one: bool) -> None:
+def _check_options(vocab_size: int, workers: int, shard_tokens: int, val_fraction: float, train_one: bool,
+                   max_tokens: int = 0) -> None:
+    if max_tokens < 0:
+        raise DataError(f"data: max_tokens = {max_tokens} must be >= 0 (0: no limit)")
     for name, value in (("vocab_size", vocab_size), ("workers", workers), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise DataError(f"data: {name} = {value} must be >= 1")
@@ -298,13 +355,25 @@ def _given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
         raise DataError(f"data: {tokenizer}: {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
 
 
+def _renderer(records: RecordOptions, tokenizer: Path | None) -> ChatRenderer | None:
+    """The chat renderer, with the given tokenizer's chat template and special tokens, or the built-in ones."""
+    if not records.chat:
+        return None
+    if tokenizer is None:
+        return ChatRenderer(None, EOS_TOKEN, EOS_TOKEN)
+    return ChatRenderer(chat_template(tokenizer), bos_token(tokenizer) or "", eos_token(tokenizer))
+
+
 def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | None, text_field: str,
-           workers: int, shard_tokens: int, val_fraction: float, fp: str, options: dict) -> dict:
+           records: RecordOptions, workers: int, shard_tokens: int, val_fraction: float, fp: str,
+           options: dict) -> dict:
     """The whole result in `staging`: tokenizer, shards, manifest."""
     tokenizer_path = staging / TOKENIZER_FILE
+    renderer = _renderer(records, tokenizer)
     if tokenizer is None:
         progress = _Progress("training the tokenizer")
-        texts = itertools.chain.from_iterable(read_documents(f, text_field) for f in files)
+        texts = (item if isinstance(item, str) else item.text
+                 for item in _items(files, text_field, renderer, skip_bad=True) if item is not None)
         train_tokenizer(progress.track(texts), vocab_size).save(str(tokenizer_path))
         progress.report()
     else:
@@ -313,33 +382,47 @@ def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | 
     dtype = "uint16" if vocab_size <= 2**16 else "uint32"
     # A given tokenizer's BOS and EOS may be named beside it (a Hugging Face tokenizer_config.json).
     bos, eos = bos_id(tok, tokenizer or tokenizer_path), eos_id(tok, tokenizer or tokenizer_path)
-    splits = _tokenize(files, text_field, staging, tokenizer_path, bos, eos, dtype, workers, shard_tokens,
-                       val_fraction)
+    items = _items(files, text_field, renderer, records.bad_records == "skip")
+    splits = _tokenize(items, staging, tokenizer_path, bos, eos, dtype, records, workers, shard_tokens, val_fraction)
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": fp, "options": options, "input_files": len(files),
+        "kind": "chat" if records.chat else "documents",
         "tokenizer": {"file": TOKENIZER_FILE, "hash": file_hash(tokenizer_path)},
         "vocab_size": vocab_size, "tokenizer_vocab_size": tok.get_vocab_size(), "dtype": dtype, "eos_id": eos,
-        "bos_id": bos,
-        "empty_documents": splits.pop("empty_documents"), "splits": splits,
+        "bos_id": bos, "skipped": splits.pop("skipped"), "splits": splits,
     }
     write_manifest(staging, manifest)
     return manifest
 
 
+SKIPPED = {"empty": "empty documents skipped", "bad": "bad records skipped", "truncated": "truncated to --max-tokens",
+           "dropped": "dropped for exceeding --max-tokens"}
+
+
 def _report(out_dir: Path, manifest: dict) -> None:
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     share = val["tokens"] / max(train["tokens"] + val["tokens"], 1)
-    empty = f", {manifest['empty_documents']:,} empty documents skipped" if manifest["empty_documents"] else ""
+    skipped = "".join(f", {n:,} {SKIPPED[why]}" for why, n in manifest["skipped"].items() if n)
     print(f"prep: {out_dir}: train {train['tokens']:,} tokens ({train['documents']:,} documents), val "
-          f"{val['tokens']:,} tokens ({val['documents']:,} documents, {share:.2%} of the tokens){empty}",
+          f"{val['tokens']:,} tokens ({val['documents']:,} documents, {share:.2%} of the tokens){skipped}",
           file=sys.stderr, flush=True)
+
+
+def _check_inputs(files: list[Path], text_field: str, records: RecordOptions, tokenizer: Path | None) -> None:
+    """Every input read and checked as prep will read it, before the first write."""
+    renderer = _renderer(records, tokenizer)
+    for path in files:
+        if renderer is None:
+            check_file(path, text_field)
+        elif not any(True for _ in read_examples(path, renderer, records.bad_records == "skip")):
+            raise DataError(f"data: {path}: empty file (no records)")
 
 
 def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path | None = None,
             text_field: str = "text", workers: int = DEFAULT_WORKERS, shard_tokens: int = DEFAULT_SHARD_TOKENS,
-            val_fraction: float = 0.02, force: bool = False) -> Path:
+            val_fraction: float = 0.02, force: bool = False, records: RecordOptions = RecordOptions()) -> Path:
     """Tokenize inputs into out_dir, or reuse out_dir if it holds an intact result of the same inputs and options."""
-    _check_options(vocab_size, workers, shard_tokens, val_fraction, train_one=tokenizer is None)
+    _check_options(vocab_size, workers, shard_tokens, val_fraction, tokenizer is None, records.max_tokens)
     files = find_inputs(inputs)
     out_dir = _check_out_dir(Path(out_dir), files)
     if tokenizer is not None and Path(tokenizer).is_dir():  # a Hugging Face model dir
@@ -348,17 +431,16 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path 
         _given_tokenizer(Path(tokenizer), vocab_size)
     options = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "val_fraction": val_fraction,
-               "tokenizer": file_hash(tokenizer) if tokenizer is not None else None}
+               "tokenizer": file_hash(tokenizer) if tokenizer is not None else None, **asdict(records)}
     fp = fingerprint(files, options)
     if not force and _reusable(out_dir, fp):
         print(f"prep: reusing {out_dir} (same inputs and options, shards verified)", file=sys.stderr)
         return out_dir
-    for path in files:  # every input read and checked before the first write
-        check_file(path, text_field)
+    _check_inputs(files, text_field, records, tokenizer)
     staging = staging_dir(out_dir, "prep")
     try:
-        manifest = _build(files, staging, vocab_size, tokenizer, text_field, workers, shard_tokens, val_fraction,
-                          fp, options)
+        manifest = _build(files, staging, vocab_size, tokenizer, text_field, records, workers, shard_tokens,
+                          val_fraction, fp, options)
         swap_in(staging, out_dir)
     finally:
         shutil.rmtree(staging, ignore_errors=True)
@@ -379,10 +461,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shard-tokens", type=int, default=DEFAULT_SHARD_TOKENS)
     parser.add_argument("--val-fraction", type=float, default=0.02, help="of the tokens, in whole documents")
     parser.add_argument("--force", action="store_true", help="prepare again even if --out holds this result")
+    parser.add_argument("--chat", action="store_true",
+                        help="the inputs are chat or prompt/completion .jsonl: loss on the answers only")
+    parser.add_argument("--max-tokens", type=int, default=0,
+                        help="a document's or conversation's most tokens (0: no limit); for --chat, data.seq_len + 1")
+    parser.add_argument("--overlong", default="truncate", choices=("truncate", "drop"),
+                        help="what to do with a document of more than --max-tokens")
+    parser.add_argument("--bad-records", default="error", choices=("error", "skip"),
+                        help="a chat record that is not one: stop with one line naming it, or skip and count it")
     args = parser.parse_args(argv)
     try:
+        records = RecordOptions(args.chat, args.max_tokens, args.overlong, args.bad_records)
         out = prepare(args.input, args.out, args.vocab_size, args.tokenizer, args.text_field, args.workers,
-                      args.shard_tokens, args.val_fraction, args.force)
+                      args.shard_tokens, args.val_fraction, args.force, records)
     except (DataError, OSError) as e:
         print(error_line("data", e), file=sys.stderr)
         return 2

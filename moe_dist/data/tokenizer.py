@@ -62,11 +62,15 @@ def eos_token(path: Path) -> str:
     return _token_text(_special_tokens(path).get("eos_token")) or EOS_TOKEN
 
 
+def bos_token(path: Path) -> str | None:
+    """The bos_token of a Hugging Face tokenizer_config.json beside tokenizer file `path`, if it names one."""
+    return _token_text(_special_tokens(path).get("bos_token"))
+
+
 def bos_id(tokenizer: Tokenizer, path: Path) -> int | None:
     """The id of the token that starts every document, where a tokenizer_config.json beside `path` asks for one
     (add_bos_token, as Llama and Mixtral do); None where documents start with their text."""
-    config = _special_tokens(path)
-    token = _token_text(config.get("bos_token")) if config.get("add_bos_token") else None
+    token = bos_token(path) if _special_tokens(path).get("add_bos_token") else None
     if token is None:
         return None
     token_id = tokenizer.token_to_id(token)

@@ -23,7 +23,7 @@ def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) ->
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """x [B, H, S, hd]; cos, sin [S, hd]."""
+    """x [B, H, S, hd]; cos, sin [S, hd], or [B, 1, S, hd] for positions of each sequence's own."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
     return (x.float() * cos + rotated.float() * sin).to(x.dtype)
@@ -63,8 +63,9 @@ class Attention(nn.Module):
             self.k_norm = nn.RMSNorm(self.head_dim if per_head else self.wk.out_features, eps=cfg.norm_eps)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-                start_pos: int = 0) -> Tensor:
-        """x holds positions start_pos...; kv, this layer's (keys, values) cache, receives them."""
+                start_pos: int = 0, mask: Tensor | None = None) -> Tensor:
+        """x holds positions start_pos...; kv, this layer's (keys, values) cache, receives them. `mask`
+        [B, 1, S, S] (True: may attend) replaces the causal mask, e.g. to keep packed documents apart."""
         batch, seq_len, _ = x.shape
         q, k, v = self.wq(x), self.wk(x), self.wv(x)
         if self.qk_norm == "full":
@@ -78,7 +79,6 @@ class Attention(nn.Module):
         q, k = q.transpose(1, 2), k.transpose(1, 2)
         v = v.view(batch, seq_len, self.n_kv_heads, self.head_dim).transpose(1, 2)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        mask = None
         if kv is not None:
             end = start_pos + seq_len
             kv[0][:, :, start_pos:end] = k
@@ -89,6 +89,14 @@ class Attention(nn.Module):
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None,
                                              enable_gqa=self.n_kv_heads != self.n_heads)
         return self.wo(out.transpose(1, 2).reshape(batch, seq_len, -1))
+
+
+def document_causal_mask(segments: Tensor) -> Tensor:
+    """[B, S] document ids -> [B, 1, S, S], True where query i may attend key j: j <= i in the same document
+    (block-diagonal causal). A dense mask through SDPA: on CPU, flex_attention has no backward in this torch."""
+    seq_len = segments.shape[1]
+    causal = torch.ones(seq_len, seq_len, dtype=torch.bool, device=segments.device).tril()
+    return (segments.unsqueeze(2) == segments.unsqueeze(1)).unsqueeze(1) & causal
 
 
 def is_moe_layer(layer_id: int, moe: MoEConfig) -> bool:
@@ -105,8 +113,8 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.dim, moe) if is_moe_layer(layer_id, moe) else FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-                start_pos: int = 0) -> tuple[Tensor, Tensor]:
-        x = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos)
+                start_pos: int = 0, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        x = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos, mask)
         if isinstance(self.ffn, MoE):
             out, aux_loss = self.ffn(self.ffn_norm(x))
         else:
@@ -174,17 +182,24 @@ class Transformer(nn.Module):
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
 
-    def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0) -> tuple[Tensor, Tensor]:
+    def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0,
+                segments: Tensor | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """`segments` [B, S]: the document each token belongs to (packed windows); attention stays within a
+        document. `positions` [B, S]: each token's rotary position, e.g. restarting at every document."""
         end = start_pos + tokens.shape[1]
         if end > self.cfg.max_seq_len:
             raise ValueError(f"sequence of {end} tokens exceeds model.max_seq_len = {self.cfg.max_seq_len}")
         if start_pos and cache is None:
             raise ValueError("start_pos > 0 needs the KVCache that holds the earlier positions")
-        cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        if positions is None:
+            cos, sin = self.rope_cos[start_pos:end], self.rope_sin[start_pos:end]
+        else:
+            cos, sin = self.rope_cos[positions].unsqueeze(1), self.rope_sin[positions].unsqueeze(1)
+        mask = None if segments is None else document_causal_mask(segments)
         h = self.tok_embeddings(tokens)
         aux_loss = torch.zeros((), device=h.device)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_aux = layer(h, cos, sin, kv, start_pos)
+            h, layer_aux = layer(h, cos, sin, kv, start_pos, mask)
             aux_loss = aux_loss + layer_aux
         return self.output(self.norm(h)), aux_loss
