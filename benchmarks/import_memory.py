@@ -3,7 +3,7 @@
 A Mixtral of the small config's shape with random weights (transformers' own initialisation), written by
 save_pretrained (per-expert keys, fp32, several safetensors files) in a subprocess, so that neither transformers
 nor the model is in the parent the ranks are spawned from. It is imported at world 4 on gloo with ep 4, each way
-in fresh processes: moe_dist's import (config_from_hf, open_hf_weights, build_model reading only the blocks the
+in fresh processes: moe_dist's import (config_from_hf, open_init_weights, build_model reading only the blocks the
 rank's shards own) and, for contrast, every rank loading every file whole with safetensors.torch.load_file and
 copying its shards out of that. The bound the import promises is a rank's shards plus the largest single
 parameter (the one full tensor it may hold at a time).
@@ -38,7 +38,7 @@ from benchmarks.common import environment, markdown_table, parser, setup, spawn_
 from benchmarks.startup_memory import MIB, model_bytes, peak, reset_peak
 from moe_dist.config import load_config
 from moe_dist.hf.config import FAMILIES, config_from_hf, hf_config
-from moe_dist.hf.weights import HFCheckpoint, open_hf_weights
+from moe_dist.hf.weights import HFCheckpoint, open_init_weights
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model
 
@@ -81,7 +81,7 @@ def hf_import(directory: Path, world: int, runtime: Runtime, backend: str | None
     """(model, weights) imported from `directory`: the weights are returned so that their files stay open, as in
     training (moe_dist.startup keeps them)."""
     cfg = config_from_hf(directory, {"parallel.ep": world, "train.init_from": str(directory), "data.seq_len": 64})
-    weights = open_hf_weights(cfg)
+    weights = open_init_weights(cfg)
     if backend is not None:
         weights.checkpoint = LoadedCheckpoint(directory, backend)
     return build_model(cfg, build_mesh(cfg, world, "cpu"), runtime, weights.read), weights

@@ -25,7 +25,7 @@ from moe_dist.data.manifest import read_manifest
 from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
 from moe_dist.hf.config import hf_tokenizer
-from moe_dist.hf.weights import HFWeights, open_hf_weights
+from moe_dist.hf.weights import HFWeights, open_init_weights
 
 
 class RunError(RuntimeError):
@@ -161,7 +161,7 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
     resuming = not overwrite and (resume or cfg.checkpoint.resume == "auto")
     # train.init_from's tensors are checked first (headers only: cheap), unless the run may resume from its own
     # checkpoint, which then replaces them: whether it does is known only further down.
-    init_weights = open_hf_weights(cfg) if cfg.train.init_from and not resuming else None
+    init_weights = open_init_weights(cfg) if cfg.train.init_from and not resuming else None
     data_dir = prepare_data(cfg, world_size)
     check_run_dir(run_dir, resuming, overwrite)
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, rank, world_size)
@@ -170,7 +170,7 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
         check_run_tokenizer(run_dir, data_dir)
         checkpoint = find_checkpoint(checkpointer, cfg, announce)
     if cfg.train.init_from and resuming and checkpoint is None:
-        init_weights = open_hf_weights(cfg)
+        init_weights = open_init_weights(cfg)
     return RunStart(run_dir, data_dir, checkpointer, checkpoint, init_weights)
 
 

@@ -55,11 +55,6 @@ def sum_over_ranks(value: Tensor) -> Tensor:
     return value
 
 
-def mean_over_ranks(value: Tensor) -> float:
-    world = dist.get_world_size() if dist.is_initialized() else 1
-    return (sum_over_ranks(value) / world).item()
-
-
 def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     """Mean cross-entropy over the targets that count (IGNORE marks the others)."""
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)

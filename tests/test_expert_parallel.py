@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
 from distributed import run_on_ranks
@@ -11,7 +12,7 @@ from moe_dist.config import ConfigError, ParallelConfig
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh, resolve_mesh
-from moe_dist.train import build_model, loss_fn, mean_over_ranks
+from moe_dist.train import build_model, loss_fn, sum_over_ranks
 
 MESHES = [(2, 2), (4, 2), (4, 4)]  # (world size, ep); dp_shard is the rest
 ROUTINGS = [
@@ -48,7 +49,8 @@ def forward_backward(model, inputs, targets) -> dict:
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[plain_name(name)] = g.clone()
-    return {"logits": logits.detach(), "loss": mean_over_ranks(ce.detach()), "aux_loss": aux_loss.item(),
+    loss = (sum_over_ranks(ce.detach()) / dist.get_world_size()).item()
+    return {"logits": logits.detach(), "loss": loss, "aux_loss": aux_loss.item(),
             "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
 
 

@@ -15,7 +15,7 @@ import torch.distributed as dist
 import transformers
 
 from distributed import run_on_ranks
-from equivalence import assert_layout, full_parameters, split, train_steps
+from equivalence import assert_layout, full_parameters, small_config, split, train_steps
 from hf_models import FAMILIES, save_tiny
 from safetensors.torch import load_file, save_file
 
@@ -23,10 +23,10 @@ from moe_dist import export, train
 from moe_dist.config import load_config
 from moe_dist.data import prep
 from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
-from moe_dist.hf.config import config_from_hf, family_of
-from moe_dist.hf.weights import import_model, open_hf_weights
+from moe_dist.hf.config import config_from_hf, family_of, with_init_from
+from moe_dist.hf.weights import import_model, open_init_weights
 from moe_dist.model import Transformer
-from moe_dist.parallel.materialize import plain_name
+from moe_dist.parallel.materialize import materialize, plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
 from runs import run_trainer, trainer_args, trainer_command
@@ -112,7 +112,7 @@ def import_worker(rank, world_size, cases, global_batch, steps):
     results = []
     for cfg in cases:
         runtime = Runtime(rank, world_size, rank, torch.device("cpu"))
-        model = build_model(cfg, build_mesh(cfg, world_size, "cpu"), runtime, open_hf_weights(cfg).read)
+        model = build_model(cfg, build_mesh(cfg, world_size, "cpu"), runtime, open_init_weights(cfg).read)
         assert_layout(model, cfg.parallel.ep)
         per_rank = global_batch.shape[0] // world_size
         inputs, targets = split(global_batch[rank * per_rank:(rank + 1) * per_rank])
@@ -297,3 +297,18 @@ def test_prep_with_a_checkpoints_tokenizer_uses_its_bos_and_eos(tmp_path):
     ends = np.flatnonzero(ids == eos)
     assert ids[0] == bos and len(ends) > 5 and (ids[ends[:-1] + 1] == bos).all()
     assert (ids == bos).sum() == len(ends)
+
+
+def test_init_from_a_moe_dist_export(tmp_path):
+    """train.init_from also takes a native export (our names, config.toml): e.g. to fine-tune a pre-trained run."""
+    cfg = small_config(**{"moe.aux_free_bias": "true"})
+    model = Transformer(cfg.model, cfg.moe, seed=3)
+    model.layers[1].ffn.router.expert_bias[0] = 0.5  # a learned selection bias: not a weight, restarted at 0
+    export.write_export(model, cfg, None, tmp_path, None, "float32")
+    run = with_init_from("tiny", {"train.init_from": str(tmp_path), "data.seq_len": "32"})
+    assert (run.model, run.moe) == (cfg.model, cfg.moe)
+    with torch.device("meta"):
+        fresh = Transformer(run.model, run.moe)
+    materialize(fresh, torch.device("cpu"), open_init_weights(run).read)
+    for (name, want), (_, got) in zip(model.named_parameters(), fresh.named_parameters()):
+        assert torch.equal(got, want), name

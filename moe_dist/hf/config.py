@@ -9,13 +9,14 @@ moe.shared_expert_gate, ...), so the model code knows nothing about Hugging Face
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from moe_dist.config import Config, ConfigError, DataConfig, load_config
 from moe_dist.model.transformer import is_moe_layer
 
 HF_CONFIG = "config.json"
+NATIVE_CONFIG = "config.toml"
 
 
 @dataclass(frozen=True)
@@ -59,6 +60,11 @@ FIXED = {"moe.score_func": "softmax", "moe.capacity_factor": 0.0, "moe.aux_free_
 
 def is_hf_dir(path: str | Path | None) -> bool:
     return path is not None and path != "" and (Path(path) / HF_CONFIG).is_file()
+
+
+def is_native_export(path: str | Path) -> bool:
+    """A moe_dist export (python -m moe_dist.export, native format): config.toml and model.safetensors."""
+    return (Path(path) / NATIVE_CONFIG).is_file() and (Path(path) / "model.safetensors").is_file()
 
 
 def hf_tokenizer(directory: str | Path) -> Path | None:
@@ -185,15 +191,22 @@ def config_from_hf(directory: str | Path, overrides: dict[str, object] | None = 
 
 
 def with_init_from(name: str | None, overrides: dict[str, object]) -> Config:
-    """The run's config when train.init_from names a Hugging Face dir: the TOML file, then the model and moe
-    values of its config.json, then the command line's overrides (which win: e.g. moe.capacity_factor)."""
+    """The run's config when train.init_from names a model to start from: the TOML file, then the model and moe
+    values of that model (its config.json, or a moe_dist export's config.toml), then the command line's
+    overrides (which win: e.g. moe.capacity_factor)."""
     init_from = load_config(name, overrides, check=False).train.init_from  # checked with the model's values below
     if not init_from:
         return load_config(name, overrides)
-    if not is_hf_dir(init_from):
-        raise ConfigError(f"config: train.init_from = {init_from!r} is not a Hugging Face model dir "
-                          f"(no {HF_CONFIG} in it)")
-    return load_config(name, {**hf_values(init_from), **overrides})
+    if is_native_export(init_from):
+        saved = load_config(str(Path(init_from) / NATIVE_CONFIG))
+        values = {f"{section}.{key}": value for section in ("model", "moe")
+                  for key, value in asdict(getattr(saved, section)).items()}
+    elif is_hf_dir(init_from):
+        values = hf_values(init_from)
+    else:
+        raise ConfigError(f"config: train.init_from = {init_from!r} is neither a Hugging Face model dir ({HF_CONFIG}) "
+                          f"nor a moe_dist export ({NATIVE_CONFIG} and model.safetensors)")
+    return load_config(name, {**values, **overrides})
 
 
 def family_of(cfg: Config) -> Family:

@@ -19,13 +19,15 @@ from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.config import Config
-from moe_dist.hf.config import HF_CONFIG, Family, config_from_hf, read_hf_config
+from moe_dist.hf.config import Family, config_from_hf, is_native_export, read_hf_config
 from moe_dist.model.transformer import Transformer, is_moe_layer
 from moe_dist.parallel.materialize import materialize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # buffers some older checkpoints carry; recomputed here
+# Buffers some checkpoints carry: older HF ones' rotary tables (recomputed), a moe_dist export's selection bias
+# (restarted at 0 by a run that starts from it).
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "router.expert_bias")
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 Block = tuple[slice, ...]
 
@@ -104,7 +106,7 @@ class HFCheckpoint:
         elif single.is_file():
             files = {key: single for key in self._handle(single).keys()}
         else:
-            raise CheckpointError(f"import: {self.directory}: no {SINGLE_FILE} or {INDEX_FILE} beside {HF_CONFIG}")
+            raise CheckpointError(f"import: {self.directory}: no {SINGLE_FILE} or {INDEX_FILE}")
         self.files = files
         by_file: dict[Path, list[str]] = {}
         for key, path in files.items():
@@ -145,12 +147,12 @@ class HFCheckpoint:
 
 
 class HFWeights:
-    """A model's parameters in a Hugging Face checkpoint: checked against the model on creation, then read a
-    block at a time (the `read` that parallel.materialize takes)."""
+    """A model's parameters in a safetensors checkpoint (`sources` says where each is): checked against the model
+    on creation, then read a block at a time (the `read` that parallel.materialize takes)."""
 
-    def __init__(self, directory: str | Path, cfg: Config, family: Family, param_shapes: dict[str, torch.Size]):
+    def __init__(self, directory: str | Path, sources: dict[str, Plain | Experts], param_shapes: dict[str, torch.Size]):
         self.checkpoint = HFCheckpoint(directory)
-        self.sources = weight_sources(cfg, family)
+        self.sources = sources
         self.fused: set[str] = set()  # expert parameters stored in the fused layout
         used = set()
         for name, shape in param_shapes.items():
@@ -159,7 +161,7 @@ class HFWeights:
                             and not key.endswith(IGNORED_SUFFIXES))
         if unexpected:
             raise CheckpointError(f"import: {self._file(unexpected[0])}: unexpected tensor {unexpected[0]} (the model "
-                                  f"of {self.checkpoint.directory / HF_CONFIG} has no such weight)")
+                                  f"of {self.checkpoint.directory} has no such weight)")
 
     def _file(self, key: str) -> Path:
         return self.checkpoint.files.get(key, self.checkpoint.directory)
@@ -170,7 +172,7 @@ class HFWeights:
         found, dtype = self.checkpoint.shape(key), self.checkpoint.dtype(key)
         if found != shape:
             raise CheckpointError(f"import: {self._file(key)}: tensor {key} has shape {found}, expected {shape} "
-                                  f"from {self.checkpoint.directory / HF_CONFIG}")
+                                  f"from the config of {self.checkpoint.directory}")
         if dtype not in FLOAT_DTYPES:
             raise CheckpointError(f"import: {self._file(key)}: tensor {key} has dtype {dtype}, expected one of "
                                   f"{', '.join(FLOAT_DTYPES)}")
@@ -212,12 +214,16 @@ class HFWeights:
                             for j in range(experts.start, experts.stop)])
 
 
-def open_hf_weights(cfg: Config) -> HFWeights:
-    """The weights of train.init_from, checked (headers only) against the model `cfg` describes."""
-    family, _, _ = read_hf_config(cfg.train.init_from)
+def open_init_weights(cfg: Config) -> HFWeights:
+    """The weights of train.init_from (a Hugging Face model dir, or a moe_dist export under our own names), checked
+    (headers only) against the model `cfg` describes."""
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.moe)
-    return HFWeights(cfg.train.init_from, cfg, family, {name: p.shape for name, p in model.named_parameters()})
+    shapes = {name: p.shape for name, p in model.named_parameters()}
+    if is_native_export(cfg.train.init_from):
+        return HFWeights(cfg.train.init_from, {name: Plain(name) for name in shapes}, shapes)
+    family, _, _ = read_hf_config(cfg.train.init_from)
+    return HFWeights(cfg.train.init_from, weight_sources(cfg, family), shapes)
 
 
 def import_model(directory: str | Path, overrides: dict[str, object] | None = None) -> tuple[Transformer, Config]:
@@ -226,7 +232,7 @@ def import_model(directory: str | Path, overrides: dict[str, object] | None = No
     cfg = config_from_hf(directory, {**(overrides or {}), "train.init_from": str(directory)})
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.moe)
-    materialize(model, torch.device("cpu"), open_hf_weights(cfg).read)
+    materialize(model, torch.device("cpu"), open_init_weights(cfg).read)
     return model, cfg
 
 
