@@ -256,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         results.append({"size_gb": gb, **info, "generate_seconds": generated, "tokens": tokens,
                         "documents_prepared": documents, "workers": args.workers or None, **m})
         tok_s = m["tokenizing_seconds"]
-        rows.append([f"{info['text_bytes'] / GB:.2f} ({info['files']} files, {info['disk_bytes'] / 1e6:.0f} MB on disk)",
+        rows.append([f"{info['text_bytes'] / GB:.2f} ({info['files']} files, {info['disk_bytes'] / 1e6:.0f} MB)",
                      f"{info['documents']:,}", f"{tokens / 1e6:.1f}M",
                      f"{m['seconds']:.0f}" + (f" ({tok_s:.0f})" if tok_s else ""),
                      f"{tokens / m['seconds'] / 1e3:.0f}k", f"{info['text_bytes'] / m['seconds'] / 1e6:.2f}",
@@ -268,8 +268,9 @@ def main(argv: list[str] | None = None) -> int:
     workers = f"--workers {args.workers}" if args.workers else "prep's default workers"
     print(f"## Prep throughput and peak memory: parquet inputs (HF layout), vocab {VOCAB_SIZE}, {workers}, "
           f"{environment(torch.device('cpu'))['device']}\n")
-    print("Sizes in GB of UTF-8 text; wall time of the whole `python -m moe_dist.data.prep` (its tokenizing pass in "
-          "brackets); tokens/s and MB/s over the wall time; memory in MiB.\n")
+    print("Sizes in GB of UTF-8 text (the parquet files' size on disk in brackets); wall time of the whole "
+          "`python -m moe_dist.data.prep` (its tokenizing pass in brackets); tokens/s and MB/s over the wall time; "
+          "memory in MiB; the prep parent's peak while streaming and after its last tokenizing line (the split).\n")
     print(markdown_table(["input GB", "documents", "tokens", "seconds", "tokens/s", "MB/s",
                           "peak RSS, tree sum (anon)", "largest process", "prep parent: streaming / after"], rows))
     if len(results) > 1:
