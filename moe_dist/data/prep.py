@@ -1,9 +1,11 @@
 """python -m moe_dist.data.prep: txt | jsonl | parquet -> tokenizer.json, Arrow token shards, manifest.json.
 
+Documents (or, with --chat, chats and prompt/completion pairs: moe_dist.data.chat) become one token stream.
 The output directory holds:
   tokenizer.json         byte-level BPE; <|endoftext|> (EOS) follows every document
-  train-00000.arrow ...  Arrow IPC files, one column `tokens` (uint16, uint32 above 65536 ids), one record batch,
-                         the tokenizer's hash in the schema metadata
+  train-00000.arrow ...  Arrow IPC files, one record batch of two columns: `tokens` (uint16, uint32 above 65536
+                         ids) and `flags` (uint8: loader.DOC_START on a document's first token, loader.LOSS where
+                         the token counts as a target), the tokenizer's hash in the schema metadata
   val-00000.arrow ...    the last whole documents, as close to val_fraction of the tokens as documents allow
   manifest.json          counts, options, and each shard's size and CRC-32
 Every input is read and checked before anything is written; the result is built in a hidden directory
