@@ -20,7 +20,8 @@ from moe_dist.checkpoint import CheckpointError, latest_checkpoint, step_dir_nam
 from moe_dist.cli import error_line
 from moe_dist.config import Config, ConfigError, parse_args
 from moe_dist.data import DataError
-from moe_dist.data.loader import IGNORE, Batch, DataLoader
+from moe_dist.data.flags import IGNORE
+from moe_dist.data.loader import Batch, DataLoader
 from moe_dist.hf.config import with_init_from
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Transformer, moe_layers

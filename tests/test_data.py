@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from moe_dist.data import DataError, corpus
-from moe_dist.data.loader import LOSS, DataLoader, TokenShards, check_compatible
+from moe_dist.data.flags import LOSS
+from moe_dist.data.loader import DataLoader, TokenShards, check_compatible
 from moe_dist.data.manifest import FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record
 from moe_dist.data.prep import prepare, val_documents
 from moe_dist.data.tokenizer import file_hash, load_tokenizer

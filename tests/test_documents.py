@@ -12,9 +12,10 @@ import torch
 from distributed import run_on_ranks
 from equivalence import assert_layout, small_config
 from moe_dist.data import DataError
-from moe_dist.data.chat import ChatRenderer, to_example
-from moe_dist.data.loader import IGNORE, Batch, DataLoader, check_compatible
-from moe_dist.data.prep import RecordOptions, prepare
+from moe_dist.data.chat import ChatRenderer, Example, to_example
+from moe_dist.data.flags import IGNORE, LOSS
+from moe_dist.data.loader import Batch, DataLoader, check_compatible
+from moe_dist.data.prep import RecordOptions, _answer_flags, prepare
 from moe_dist.data.prep import main as prep_main
 from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
 from moe_dist.model import Transformer
@@ -70,7 +71,7 @@ def test_the_loader_masks_documents_and_restarts_positions(documents_dir):
         assert torch.equal(batch.inputs, unmasked.inputs)
         after_eos = batch.inputs == eos  # the target after an EOS starts the next document
         assert torch.equal(batch.targets == IGNORE, after_eos)
-        assert torch.equal(unmasked.targets, torch.cat([batch.inputs[:, 1:], unmasked.targets[:, -1:]], 1))
+        assert torch.equal(unmasked.targets[:, :-1], batch.inputs[:, 1:])  # without the mask every target counts
         starts = torch.cat([torch.zeros_like(after_eos[:, :1]), after_eos[:, :-1]], 1)
         assert torch.equal(batch.segments - batch.segments[:, :1], torch.cumsum(starts.long(), 1))
         for row in range(4):
@@ -123,6 +124,16 @@ def test_chats_are_rendered_with_the_template_and_only_answers_count(tmp_path, t
                 assert text.startswith(("<|im_start|>" if template else "<|", "Complete")), text
                 seen.add(tokenizer.decode(counted, skip_special_tokens=False))
     assert seen == set(answers)
+
+
+def test_an_answer_token_that_starts_in_the_prompt_counts(tmp_path):
+    """Byte-level BPE puts the space before "Paris" into its token: that token starts in the prompt."""
+    _, tokenizer = tokenizer_dir(tmp_path / "tok", None)
+    text = "Answer: Paris"
+    encoding = tokenizer.encode(text, add_special_tokens=False)
+    flags = _answer_flags(encoding, Example(text, [(len("Answer: "), len(text))]))
+    counted = [i for i, f in zip(encoding.ids, flags) if f & LOSS]
+    assert "Paris" in tokenizer.decode(counted) and "Answer" not in tokenizer.decode(counted)
 
 
 def spawn_masked_step(rank, world_size, cfgs, micro_batches):
@@ -216,7 +227,7 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tmp_path, c
     if overlong == "truncate":
         with pytest.raises(DataError, match=r"holds a conversation of 24 tokens, more than data.seq_len \+ 1 = 17; "
                                             r"prepare it with --max-tokens 17"):
-            DataLoader(out, "train", 16, 2)
+            DataLoader(out, "train", 16, 2, document_mask=True)
 
 
 def test_the_bundled_chat_example_prepares(tmp_path, capsys):

@@ -51,7 +51,9 @@ class ChatRenderer:
 
     def __init__(self, template: str | None, bos_token: str, eos_token: str):
         self.source = "the tokenizer's chat template" if template else "the built-in chat template"
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+        # As transformers' apply_chat_template sets it up: block trimming and loop controls ({% break %}).
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True,
+                                            extensions=["jinja2.ext.loopcontrols"])
         env.globals["raise_exception"] = self._raise
         try:
             self.template = env.from_string(template or BUILTIN_TEMPLATE)

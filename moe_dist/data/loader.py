@@ -17,12 +17,9 @@ import pyarrow as pa
 import torch
 
 from moe_dist.data import DataError, one_line
+from moe_dist.data.flags import DOC_START, IGNORE, LOSS
 from moe_dist.data.manifest import MANIFEST, SHARD_TOKENIZER_KEY, read_manifest, verify_shards
 from moe_dist.data.tokenizer import file_hash
-
-
-DOC_START, LOSS = 1, 2  # token flags
-IGNORE = -100  # a target that does not count (cross_entropy's ignore_index)
 
 
 class Batch(NamedTuple):
@@ -162,6 +159,9 @@ class DataLoader:
         if not 0 <= rank < world_size:
             raise ValueError(f"data: rank {rank} is outside world_size {world_size}")
         self.tokens = TokenShards(data_dir, split)
+        if self.tokens.manifest.get("kind") == "chat" and not document_mask:
+            raise DataError(f"data: {data_dir} holds chats, packed several to a window: set data.document_mask = true "
+                            f"so that they do not attend to each other")
         self.seq_len, self.micro_batch, self.rank, self.seed = seq_len, micro_batch, rank, seed
         self.document_mask, self.restart_positions = document_mask, restart_positions
         self.global_batch = world_size * micro_batch

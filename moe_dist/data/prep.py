@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import collections
 import hashlib
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -35,11 +36,11 @@ from moe_dist.cli import OneLineParser, error_line
 from moe_dist.data import DataError
 from moe_dist.data.chat import ChatRenderer, Example, chat_template, read_examples
 from moe_dist.data.documents import check_file, find_inputs, read_documents
-from moe_dist.data.loader import DOC_START, LOSS
+from moe_dist.data.flags import DOC_START, LOSS
 from moe_dist.data.manifest import (FORMAT_VERSION, SHARD_TOKENIZER_KEY, read_manifest, shard_record, verify_shards,
                                     write_manifest)
-from moe_dist.data.tokenizer import (EOS_TOKEN, MIN_VOCAB, bos_id, bos_token, eos_id, eos_token, file_hash,
-                                     load_tokenizer, train_tokenizer)
+from moe_dist.data.tokenizer import (EOS_TOKEN, MIN_VOCAB, TOKENIZER_CONFIG, bos_id, bos_token, eos_id, eos_token,
+                                     file_hash, load_tokenizer, train_tokenizer)
 from moe_dist.files import staging_dir, swap_in, unwritable_reason
 
 TOKENIZER_FILE = "tokenizer.json"
@@ -113,9 +114,7 @@ class RecordOptions:
     bad_records: str = "error"  # error | skip (counted), a chat record that is not one
 
 
-def _rows(count: int, dtype: str) -> np.ndarray:
-    """An empty token stream: each row a token and its flags (loader.DOC_START, loader.LOSS)."""
-    return np.zeros(count, dtype=[("tokens", dtype), ("flags", np.uint8)])
+Stream = tuple[np.ndarray, np.ndarray]  # a piece of the token stream: tokens and their flags (data.flags)
 
 
 _worker: tuple = ()  # (tokenizer, [BOS id] or [], EOS id, dtype, RecordOptions), set once per worker process
@@ -127,42 +126,46 @@ def _init_worker(tokenizer_path: str, bos: int | None, eos: int, dtype: str, rec
     _worker = (load_tokenizer(Path(tokenizer_path)), [] if bos is None else [bos], eos, dtype, records)
 
 
-def _document(encoding, item: str | Example, bos: list[int], eos: int) -> tuple[list[int], np.ndarray]:
-    """(ids, flags) of one document: BOS (where the tokenizer has one), its tokens and EOS, every one a target; or
-    one chat, as its template renders it, the targets being the tokens that start inside an answer's span."""
-    if isinstance(item, str):
-        ids = bos + encoding.ids + [eos]
-        return ids, np.full(len(ids), LOSS, dtype=np.uint8)
-    starts = np.array([start for start, _ in encoding.offsets], dtype=np.int64)
-    answer = np.zeros(len(starts), dtype=bool)
-    for lo, hi in item.spans:
-        answer |= (starts >= lo) & (starts < hi)
-    return encoding.ids, np.where(answer, LOSS, 0).astype(np.uint8)
+def _answer_flags(encoding, example: Example) -> np.ndarray:
+    """LOSS on the tokens of a chat that overlap an answer's span (a token may start in the prompt: " Paris")."""
+    offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
+    answer = np.zeros(len(offsets), dtype=bool)
+    for lo, hi in example.spans:
+        answer |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
+    return np.where(answer, LOSS, 0).astype(np.uint8)
 
 
-def _encode(items: list[str | Example | None]) -> tuple[np.ndarray, np.ndarray, collections.Counter, int]:
-    """Documents or chats -> (rows, tokens per kept document, counts of what was seen and skipped, bytes)."""
+def _encode(items: list[str | Example | None]) -> tuple[Stream, np.ndarray, collections.Counter, int]:
+    """Documents or chats -> (their stream, tokens per kept document, counts of what was seen and skipped, bytes).
+
+    A document is BOS (where the tokenizer has one), its tokens and EOS, every one a target; a chat is its rendered
+    text, the targets being the tokens of its answers. Each starts with DOC_START."""
     tokenizer, bos, eos, dtype, records = _worker
     counts = collections.Counter(records=len(items), bad=sum(item is None for item in items))
     texts = [item if isinstance(item, str) else item.text for item in items if item is not None]
-    kept = [item for item in items if item is not None and (item if isinstance(item, str) else item.text)]
+    kept = [item for item, text in zip((i for i in items if i is not None), texts) if text]
     counts["empty"] = len(texts) - len(kept)  # an empty document would add a lone EOS
     encodings = tokenizer.encode_batch([k if isinstance(k, str) else k.text for k in kept], add_special_tokens=False)
-    parts, lengths = [], []
+    ids, flags = [], []
     for encoding, item in zip(encodings, kept):
-        ids, flags = _document(encoding, item, bos, eos)
-        if records.max_tokens and len(ids) > records.max_tokens:
+        doc_ids = bos + encoding.ids + [eos] if isinstance(item, str) else encoding.ids
+        doc_flags = None if isinstance(item, str) else _answer_flags(encoding, item)  # None: all LOSS
+        if records.max_tokens and len(doc_ids) > records.max_tokens:
             counts["dropped" if records.overlong == "drop" else "truncated"] += 1
             if records.overlong == "drop":
                 continue
-            ids, flags = ids[:records.max_tokens], flags[:records.max_tokens]
-        rows = _rows(len(ids), dtype)
-        rows["tokens"], rows["flags"] = ids, flags
-        rows["flags"][0] |= DOC_START
-        parts.append(rows)
-        lengths.append(len(ids))
-    rows = np.concatenate(parts) if parts else _rows(0, dtype)
-    return rows, np.array(lengths, dtype=np.int64), counts, sum(len(t.encode()) for t in texts)
+            doc_ids = doc_ids[:records.max_tokens]
+            doc_flags = None if doc_flags is None else doc_flags[:records.max_tokens]
+        ids.append(doc_ids)
+        flags.append(doc_flags)
+    lengths = np.array([len(d) for d in ids], dtype=np.int64)
+    tokens = np.fromiter(itertools.chain.from_iterable(ids), dtype=dtype, count=int(lengths.sum()))
+    if all(f is None for f in flags):
+        token_flags = np.full(tokens.size, LOSS, dtype=np.uint8)
+    else:
+        token_flags = np.concatenate([np.full(n, LOSS, np.uint8) if f is None else f for f, n in zip(flags, lengths)])
+    token_flags[np.cumsum(lengths) - lengths] |= DOC_START
+    return (tokens, token_flags), lengths, counts, sum(len(t.encode()) for t in texts)
 
 
 def _items(files: list[Path], text_field: str, renderer: ChatRenderer | None,
@@ -196,11 +199,11 @@ def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
         yield pending.popleft().get()
 
 
-def _write_shard(path: Path, rows: np.ndarray, schema: pa.Schema) -> dict:
+def _write_shard(path: Path, piece: Stream, schema: pa.Schema) -> dict:
     # One record batch per shard: the loader maps each column as a single contiguous array.
     with pa.ipc.new_file(str(path), schema) as writer:
-        writer.write_batch(pa.record_batch([pa.array(rows["tokens"]), pa.array(rows["flags"])], schema=schema))
-    return shard_record(path, int(rows.size))
+        writer.write_batch(pa.record_batch([pa.array(column) for column in piece], schema=schema))
+    return shard_record(path, int(piece[0].size))
 
 
 class _ShardWriter:
@@ -212,18 +215,19 @@ class _ShardWriter:
         self.first = first
         self.parts, self.buffered, self.shards = [], 0, []
 
-    def add(self, ids: np.ndarray) -> None:
-        while ids.size:
-            take = min(ids.size, self.shard_tokens - self.buffered)
-            self.parts.append(ids[:take])
+    def add(self, piece: Stream) -> None:
+        while piece[0].size:
+            take = min(piece[0].size, self.shard_tokens - self.buffered)
+            self.parts.append(tuple(column[:take] for column in piece))
             self.buffered += take
-            ids = ids[take:]
+            piece = tuple(column[take:] for column in piece)
             if self.buffered == self.shard_tokens:
                 self._flush()
 
     def _flush(self) -> None:
         path = self.out_dir / f"{self.prefix}-{self.first + len(self.shards):05d}.arrow"
-        self.shards.append(_write_shard(path, np.concatenate(self.parts), self.schema))
+        joined = tuple(np.concatenate([part[c] for part in self.parts]) for c in range(2))
+        self.shards.append(_write_shard(path, joined, self.schema))
         self.parts, self.buffered = [], 0
 
     def close(self) -> list[dict]:
@@ -232,12 +236,10 @@ class _ShardWriter:
         return self.shards
 
 
-def _read_shard(path: Path) -> np.ndarray:
-    """A shard's rows (tokens and flags), read into memory."""
+def _read_shard(path: Path) -> Stream:
+    """A shard's tokens and flags, memory-mapped."""
     batch = pa.ipc.open_file(pa.memory_map(str(path))).get_batch(0)
-    rows = _rows(batch.num_rows, str(batch.schema.field("tokens").type))
-    rows["tokens"], rows["flags"] = batch.column(0).to_numpy(), batch.column(1).to_numpy()
-    return rows
+    return batch.column(0).to_numpy(), batch.column(1).to_numpy()
 
 
 def val_documents(doc_tokens: np.ndarray, val_fraction: float) -> tuple[int, int]:
@@ -258,12 +260,12 @@ def val_documents(doc_tokens: np.ndarray, val_fraction: float) -> tuple[int, int
     return last + 1 - taken, last + 1
 
 
-def _pieces(chunks: list[np.ndarray], starts: np.ndarray, lo: int, hi: int) -> Iterator[np.ndarray]:
-    """tokens[lo:hi] of the stream held in `chunks` (starting at `starts`), chunk by chunk."""
+def _pieces(chunks: list[Stream], starts: np.ndarray, lo: int, hi: int) -> Iterator[Stream]:
+    """stream[lo:hi] of the stream held in `chunks` (starting at `starts`), chunk by chunk."""
     for chunk, start in zip(chunks, starts):
-        a, b = max(lo, start), min(hi, start + len(chunk))
+        a, b = max(lo, start), min(hi, start + len(chunk[0]))
         if a < b:
-            yield chunk[a - start:b - start]
+            yield tuple(column[a - start:b - start] for column in chunk)
 
 
 def _split(staging: Path, stream: _ShardWriter, val_start: int, val_end: int) -> tuple[list[dict], list[dict]]:
@@ -272,15 +274,15 @@ def _split(staging: Path, stream: _ShardWriter, val_start: int, val_end: int) ->
     shards = stream.close()
     paths = [staging / shard["file"] for shard in shards]
     chunks = [_read_shard(path) for path in paths]
-    starts = np.cumsum([0] + [len(c) for c in chunks])
+    starts = np.cumsum([0] + [len(tokens) for tokens, _ in chunks])
     train = []
     for shard, path, chunk, start in zip(shards, paths, chunks, starts):
-        if start + len(chunk) <= val_start:
+        if start + len(chunk[0]) <= val_start:
             train.append({**shard, "file": f"train-{len(train):05d}.arrow"})
             os.rename(path, staging / train[-1]["file"])
         elif start < val_start:
-            train.append(_write_shard(staging / f"train-{len(train):05d}.arrow", chunk[:val_start - start],
-                                      stream.schema))
+            head = tuple(column[:val_start - start] for column in chunk)
+            train.append(_write_shard(staging / f"train-{len(train):05d}.arrow", head, stream.schema))
     rest, val = (_ShardWriter(staging, prefix, stream.shard_tokens, stream.schema, first)
                  for prefix, first in (("train", len(train)), ("val", 0)))
     for piece in _pieces(chunks, starts, val_start, val_end):
@@ -300,11 +302,11 @@ def _tokenize(items: Iterator[str | Example | None], staging: Path, tokenizer_pa
     progress, lengths, counts = _Progress("tokenizing"), [], collections.Counter()
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), bos, eos, dtype, records)) as pool:
-        for rows, doc_lengths, seen, nbytes in _in_order(pool, _tasks(items), 2 * workers):
-            stream.add(rows)
+        for piece, doc_lengths, seen, nbytes in _in_order(pool, _tasks(items), 2 * workers):
+            stream.add(piece)
             lengths.append(doc_lengths)
             counts += seen
-            progress.update(seen["records"], nbytes, rows.size)
+            progress.update(seen["records"], nbytes, piece[0].size)
     progress.report()
     doc_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
     first, last = val_documents(doc_tokens, val_fraction)
@@ -357,12 +359,18 @@ def _given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
         raise DataError(f"data: {tokenizer}: {tok.get_vocab_size()} tokens, more than vocab_size {vocab_size}")
 
 
+def _beside_hash(path: Path | None, name: str) -> str | None:
+    """The hash of file `name` beside `path`, None where there is none."""
+    beside = None if path is None else Path(path).parent / name
+    return file_hash(beside) if beside is not None and beside.is_file() else None
+
+
 def _renderer(records: RecordOptions, tokenizer: Path | None) -> ChatRenderer | None:
     """The chat renderer, with the given tokenizer's chat template and special tokens, or the built-in ones."""
     if not records.chat:
         return None
     if tokenizer is None:
-        return ChatRenderer(None, EOS_TOKEN, EOS_TOKEN)
+        return ChatRenderer(None, "", EOS_TOKEN)
     return ChatRenderer(chat_template(tokenizer), bos_token(tokenizer) or "", eos_token(tokenizer))
 
 
@@ -416,8 +424,8 @@ def _check_inputs(files: list[Path], text_field: str, records: RecordOptions, to
     for path in files:
         if renderer is None:
             check_file(path, text_field)
-        elif not any(True for _ in read_examples(path, renderer, records.bad_records == "skip")):
-            raise DataError(f"data: {path}: empty file (no records)")
+        elif sum(example is not None for example in read_examples(path, renderer, records.bad_records == "skip")) == 0:
+            raise DataError(f"data: {path}: no chat or prompt/completion record in it")
 
 
 def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path | None = None,
@@ -433,7 +441,9 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path 
         _given_tokenizer(Path(tokenizer), vocab_size)
     options = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "val_fraction": val_fraction,
-               "tokenizer": file_hash(tokenizer) if tokenizer is not None else None, **asdict(records)}
+               "tokenizer": file_hash(tokenizer) if tokenizer is not None else None, **asdict(records),
+               # its special tokens and chat template change what prep writes
+               "tokenizer_config": _beside_hash(tokenizer, TOKENIZER_CONFIG)}
     fp = fingerprint(files, options)
     if not force and _reusable(out_dir, fp):
         print(f"prep: reusing {out_dir} (same inputs and options, shards verified)", file=sys.stderr)

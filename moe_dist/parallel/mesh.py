@@ -34,7 +34,9 @@ def init_distributed(device: str = "auto") -> Runtime:
     else:
         dev = torch.device("cpu")
     if not dist.is_initialized():
-        backend = "nccl" if use_cuda else "gloo"
+        # NCCL for the model's CUDA tensors, gloo beside it for the small CPU tensors the trainer reduces (loss and
+        # routing totals, the preemption flag): NCCL alone refuses a CPU tensor.
+        backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
             store, rank, world_size = next(dist.rendezvous("env://"))
             # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the
