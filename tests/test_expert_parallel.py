@@ -49,7 +49,7 @@ def forward_backward(model, inputs, targets) -> dict:
     for name, p in model.named_parameters():
         g = p.grad.full_tensor() if isinstance(p.grad, DTensor) else p.grad
         grads[plain_name(name)] = g.clone()
-    loss = (sum_over_ranks(ce.detach()) / dist.get_world_size()).item()
+    loss = (sum_over_ranks(ce.detach()) / (dist.get_world_size() if dist.is_initialized() else 1)).item()
     return {"logits": logits.detach(), "loss": loss, "aux_loss": aux_loss.item(),
             "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
 
