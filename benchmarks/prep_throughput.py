@@ -20,6 +20,8 @@ smallest input. One run per size (--repeats is not used).
 
 from __future__ import annotations
 
+import argparse
+import fcntl
 import json
 import math
 import os
@@ -175,6 +177,7 @@ def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dic
            "--vocab-size", str(VOCAB_SIZE), "--tokenizer", str(tokenizer), "--force"]
     if workers:
         cmd += ["--workers", str(workers)]
+    load = os.getloadavg()[0]  # a shared machine: other work on the cores shows here
     start = time.monotonic()
     proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
                             cwd=Path(__file__).resolve().parent.parent)
@@ -196,7 +199,8 @@ def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dic
     tokenizing = [(t, m) for t, line in lines if (m := TOKENIZING.search(line))]
     end = tokenizing[-1][0] if tokenizing else seconds
     samples = sampler.samples
-    return {"seconds": seconds, "tokenizing_seconds": float(tokenizing[-1][1].group(1)) if tokenizing else None,
+    return {"loadavg_1min_before": load, "seconds": seconds,
+            "tokenizing_seconds": float(tokenizing[-1][1].group(1)) if tokenizing else None,
             "largest_process_peak": usage.ru_maxrss * 1024,
             "tree_rss_peak": max(s[1] for s in samples), "tree_anon_peak": max(s[2] for s in samples),
             "parent_peak_streaming": max((s[3] for s in samples if s[0] <= end), default=0),
@@ -204,6 +208,7 @@ def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dic
             "parent_hwm_seen": sampler.hwm.get(proc.pid, 0),
             "worker_hwm_seen": max((h for p, h in sampler.hwm.items() if p != proc.pid), default=0),
             "max_processes": max(s[4] for s in samples), "samples": len(samples),
+            "loadavg_1min_after": os.getloadavg()[0],
             "timeline": [list(s) for s in samples[::max(1, len(samples) // 400)]],
             "stderr": [f"{t:7.1f} s  {line}" for t, line in lines]}
 
@@ -221,6 +226,17 @@ def main(argv: list[str] | None = None) -> int:
     sizes = sorted(args.sizes or (FULL_SIZES if args.full else QUICK_SIZES))
     workdir = args.workdir.resolve()
     workdir.mkdir(parents=True, exist_ok=True)
+    # Two runs in one workdir would share inputs and outputs, and each other's cores: the second waits.
+    with open(workdir / ".prep_throughput.lock", "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            print(f"prep_throughput: another run holds {workdir}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        return _run(args, sizes, workdir)
+
+
+def _run(args: argparse.Namespace, sizes: list[float], workdir: Path) -> int:
     start = time.perf_counter()
     # Disk: each missing input (at most its text size on disk), and the largest prep's output and staging
     # (3 bytes a token, about 0.9 x the text here), with 1 GB to spare.
