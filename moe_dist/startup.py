@@ -115,10 +115,15 @@ def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> None:
                                   f"or start a new run (--train.name)")
 
 
+def tokenized_with(data_dir: Path, tokenizer: Path) -> bool:
+    """The prepared data in data_dir was tokenized with the tokenizer file `tokenizer`."""
+    return file_hash(tokenizer) == read_manifest(data_dir)["tokenizer"]["hash"]
+
+
 def check_run_tokenizer(run_dir: Path, data_dir: Path) -> None:
     """DataError when the data was tokenized with another tokenizer than the one this run trained on."""
     run_tokenizer = run_dir / "tokenizer.json"
-    if run_tokenizer.is_file() and file_hash(run_tokenizer) != read_manifest(data_dir)["tokenizer"]["hash"]:
+    if run_tokenizer.is_file() and not tokenized_with(data_dir, run_tokenizer):
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {run_tokenizer}, "
                         f"which this run was trained with")
 
@@ -135,7 +140,7 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
     else:
         data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
     check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size)
-    if tokenizer is not None and file_hash(tokenizer) != read_manifest(data_dir)["tokenizer"]["hash"]:
+    if tokenizer is not None and not tokenized_with(data_dir, tokenizer):
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, the one of "
                         f"train.init_from; prepare it with python -m moe_dist.data.prep --tokenizer "
                         f"{cfg.train.init_from}")

@@ -19,7 +19,7 @@ from jinja2 import TemplateError
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from moe_dist.data import DataError, one_line
-from moe_dist.data.tokenizer import TOKENIZER_CONFIG
+from moe_dist.data.tokenizer import tokenizer_config
 
 ROLES = ("system", "user", "assistant")
 # One line of role marker per turn; the assistant's turn ends with the EOS token, which it learns to emit.
@@ -38,11 +38,7 @@ class Example:
 
 def chat_template(tokenizer_path: Path) -> str | None:
     """The chat_template of the Hugging Face tokenizer_config.json beside `tokenizer_path`, if it has one."""
-    try:
-        config = json.loads((Path(tokenizer_path).parent / TOKENIZER_CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
-        return None
-    template = config.get("chat_template") if isinstance(config, dict) else None
+    template = tokenizer_config(tokenizer_path).get("chat_template")
     return template if isinstance(template, str) and template else None
 
 

@@ -142,12 +142,13 @@ def _encode(items: list[str | Example | None]) -> tuple[Stream, np.ndarray, coll
     text, the targets being the tokens of its answers. Each starts with DOC_START."""
     tokenizer, bos, eos, dtype, records = _worker
     counts = collections.Counter(records=len(items), bad=sum(item is None for item in items))
-    texts = [item if isinstance(item, str) else item.text for item in items if item is not None]
-    kept = [item for item, text in zip((i for i in items if i is not None), texts) if text]
+    present = [item for item in items if item is not None]
+    texts = [item if isinstance(item, str) else item.text for item in present]
+    kept = [(item, text) for item, text in zip(present, texts) if text]
     counts["empty"] = len(texts) - len(kept)  # an empty document would add a lone EOS
-    encodings = tokenizer.encode_batch([k if isinstance(k, str) else k.text for k in kept], add_special_tokens=False)
+    encodings = tokenizer.encode_batch([text for _, text in kept], add_special_tokens=False)
     ids, flags = [], []
-    for encoding, item in zip(encodings, kept):
+    for encoding, (item, _) in zip(encodings, kept):
         doc_ids = bos + encoding.ids + [eos] if isinstance(item, str) else encoding.ids
         doc_flags = None if isinstance(item, str) else _answer_flags(encoding, item)  # None: all LOSS
         if records.max_tokens and len(doc_ids) > records.max_tokens:

@@ -42,7 +42,7 @@ def load_tokenizer(path: Path) -> Tokenizer:
         raise DataError(f"data: {path}: not a loadable tokenizer.json ({one_line(e)})") from None
 
 
-def _special_tokens(path: Path) -> dict:
+def tokenizer_config(path: Path) -> dict:
     """The Hugging Face tokenizer_config.json beside tokenizer file `path`, {} where there is none."""
     try:
         config = json.loads((Path(path).parent / TOKENIZER_CONFIG).read_text())
@@ -59,18 +59,18 @@ def _token_text(value: object) -> str | None:
 def eos_token(path: Path) -> str:
     """The end-of-document token of tokenizer file `path`: the eos_token of a Hugging Face tokenizer_config.json
     beside it, else EOS_TOKEN."""
-    return _token_text(_special_tokens(path).get("eos_token")) or EOS_TOKEN
+    return _token_text(tokenizer_config(path).get("eos_token")) or EOS_TOKEN
 
 
 def bos_token(path: Path) -> str | None:
     """The bos_token of a Hugging Face tokenizer_config.json beside tokenizer file `path`, if it names one."""
-    return _token_text(_special_tokens(path).get("bos_token"))
+    return _token_text(tokenizer_config(path).get("bos_token"))
 
 
 def bos_id(tokenizer: Tokenizer, path: Path) -> int | None:
     """The id of the token that starts every document, where a tokenizer_config.json beside `path` asks for one
     (add_bos_token, as Llama and Mixtral do); None where documents start with their text."""
-    token = bos_token(path) if _special_tokens(path).get("add_bos_token") else None
+    token = bos_token(path) if tokenizer_config(path).get("add_bos_token") else None
     if token is None:
         return None
     token_id = tokenizer.token_to_id(token)

@@ -10,7 +10,7 @@ writes) and transformers 5's fused in-memory layout (gate_up_proj [E, 2 * hidden
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -20,6 +20,7 @@ from torch import Tensor
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.config import Config
 from moe_dist.hf.config import Family, config_from_hf, is_native_export, read_hf_config
+from moe_dist.memory import meta_model
 from moe_dist.model.transformer import Transformer, is_moe_layer
 from moe_dist.parallel.materialize import materialize
 
@@ -43,11 +44,13 @@ class Plain:
 @dataclass(frozen=True)
 class Experts:
     """One expert projection: per-expert [hidden, dim] or [dim, hidden] keys (`per_expert` with {j}), or rows
-    `row0`... of a fused [E, rows, cols] tensor; either way each expert's matrix is the transpose of ours."""
+    `row0`... of a fused [E, rows, cols] tensor (`in_fused`, once the checkpoint is found to hold that); either
+    way each expert's matrix is the transpose of ours."""
 
     per_expert: str
     fused: str
     row0: int
+    in_fused: bool = False
 
     def key(self, j: int) -> str:
         return self.per_expert.format(j=j)
@@ -152,11 +155,11 @@ class HFWeights:
 
     def __init__(self, directory: str | Path, sources: dict[str, Plain | Experts], param_shapes: dict[str, torch.Size]):
         self.checkpoint = HFCheckpoint(directory)
-        self.sources = sources
-        self.fused: set[str] = set()  # expert parameters stored in the fused layout
+        self.sources: dict[str, Plain | Experts] = {}  # each as this checkpoint holds it: alias or layout chosen
         used = set()
         for name, shape in param_shapes.items():
-            used |= self._check(name, self.sources[name], list(shape))
+            self.sources[name], keys = self._check(sources[name], list(shape))
+            used |= keys
         unexpected = sorted(key for key in self.checkpoint.files if key not in used
                             and not key.endswith(IGNORED_SUFFIXES))
         if unexpected:
@@ -177,37 +180,35 @@ class HFWeights:
             raise CheckpointError(f"import: {self._file(key)}: tensor {key} has dtype {dtype}, expected one of "
                                   f"{', '.join(FLOAT_DTYPES)}")
 
-    def _check(self, name: str, source: Plain | Experts, shape: list[int]) -> set[str]:
-        """The checkpoint keys that hold parameter `name`, after checking their shapes and dtypes."""
+    def _check(self, source: Plain | Experts, shape: list[int]) -> tuple[Plain | Experts, set[str]]:
+        """(`source` as this checkpoint holds it, the keys that hold it), after checking their shapes and dtypes."""
         if isinstance(source, Plain):
             key = source.alias if source.key not in self.checkpoint and source.alias in self.checkpoint else source.key
             self._expect(key, shape)
-            return {key}
+            return Plain(key), {key}
         experts, rows, cols = shape  # ours [E, rows, cols]; each expert's stored matrix is [cols, rows]
         if source.key(0) not in self.checkpoint and source.fused in self.checkpoint:
-            self.fused.add(name)
             fused_rows = 2 * cols if source.fused.endswith("gate_up_proj") else cols
             self._expect(source.fused, [experts, fused_rows, rows])
-            return {source.fused}
+            return replace(source, in_fused=True), {source.fused}
         for j in range(experts):
             self._expect(source.key(j), [cols, rows])
-        return {source.key(j) for j in range(experts)}
+        return source, {source.key(j) for j in range(experts)}
 
     def read(self, name: str, shape: torch.Size, block: Block) -> Tensor:
         """Block `block` of parameter `name` (whole shape `shape`), in our layout, as a tensor of its own."""
         try:
-            return self._read(self.sources[name], name, block).clone()
+            return self._read(self.sources[name], block).clone()
         finally:
             # A block read from a memory-mapped file keeps the pages it touched mapped while the file is open:
             # closing after each parameter keeps a rank's peak at its shards, not its shards plus those pages.
             self.checkpoint.close()
 
-    def _read(self, source: Plain | Experts, name: str, block: Block) -> Tensor:
+    def _read(self, source: Plain | Experts, block: Block) -> Tensor:
         if isinstance(source, Plain):
-            key = source.key if source.key in self.checkpoint else source.alias
-            return self.checkpoint.read(key, block)
+            return self.checkpoint.read(source.key, block)
         experts, rows, cols = block
-        if name in self.fused:
+        if source.in_fused:
             shifted = slice(source.row0 + cols.start, source.row0 + cols.stop)
             return self.checkpoint.read(source.fused, (experts, shifted, rows)).transpose(1, 2)
         return torch.stack([self.checkpoint.read(source.key(j), (cols, rows)).T
@@ -217,9 +218,7 @@ class HFWeights:
 def open_init_weights(cfg: Config) -> HFWeights:
     """The weights of train.init_from (a Hugging Face model dir, or a moe_dist export under our own names), checked
     (headers only) against the model `cfg` describes."""
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
-    shapes = {name: p.shape for name, p in model.named_parameters()}
+    shapes = {name: p.shape for name, p in meta_model(cfg).named_parameters()}
     if is_native_export(cfg.train.init_from):
         return HFWeights(cfg.train.init_from, {name: Plain(name) for name in shapes}, shapes)
     family, _, _ = read_hf_config(cfg.train.init_from)
@@ -230,8 +229,7 @@ def import_model(directory: str | Path, overrides: dict[str, object] | None = No
     """The Hugging Face model in `directory` as one moe_dist Transformer on the CPU, and its config: what
     generate and export load from a Hugging Face dir, and the single-process model a sharded import equals."""
     cfg = config_from_hf(directory, {**(overrides or {}), "train.init_from": str(directory)})
-    with torch.device("meta"):
-        model = Transformer(cfg.model, cfg.moe)
+    model = meta_model(cfg)
     materialize(model, torch.device("cpu"), open_init_weights(cfg).read)
     return model, cfg
 
