@@ -14,8 +14,9 @@ resource tracker) every SAMPLE_SECONDS: the peak of the tree's summed VmRSS and 
 shared libraries, count once per process in the RSS sum; the anonymous sum counts each process's own memory), and
 the prep parent's own RSS, split at its last "tokenizing" progress line into the streaming pass and what follows.
 The largest single process's peak is exact: ru_maxrss of os.wait4 on the prep process (the kernel's high-water mark
-of it and of its reaped workers). Memory that is bounded gives a peak ratio near 1.0 between the largest and the
-smallest input. One run per size (--repeats is not used).
+of it and of its reaped workers), taken by a small launcher process that starts it (see LAUNCHER). Memory that is
+bounded gives a peak ratio near 1.0 between the largest and the smallest input. One run per size (--repeats is not
+used).
 """
 
 from __future__ import annotations
@@ -43,7 +44,7 @@ from moe_dist.data.corpus import stdlib_dir, stdlib_texts
 from moe_dist.data.tokenizer import train_tokenizer
 
 GB, MIB = 10**9, 2**20
-QUICK_SIZES = (0.05, 0.2)  # GB of text: `make bench`
+QUICK_SIZES = (0.2, 0.4)  # GB of text: `make bench`; below ~0.2 GB the parent has not reached its steady peak
 FULL_SIZES = (0.5, 2.0)  # --full
 FILE_BYTES = 256 * 10**6  # of text per parquet file
 ROWS_PER_GROUP = 1000
@@ -141,25 +142,30 @@ def _tree(pid: int) -> list[int]:
 
 
 class TreeSampler(threading.Thread):
-    """Samples the memory of a process tree every SAMPLE_SECONDS until stop()."""
+    """Samples the memory of the process tree under `root` (the launcher, itself left out) every SAMPLE_SECONDS
+    until stop(); the launcher's one child is the prep parent."""
 
-    def __init__(self, pid: int):
+    def __init__(self, root: int, start_time: float):
         super().__init__(daemon=True)
-        self.pid, self.done, self.start_time = pid, threading.Event(), time.monotonic()
+        self.root, self.done, self.start_time = root, threading.Event(), start_time
         self.samples: list[tuple[float, int, int, int, int]] = []  # (t, tree RSS, tree anon, parent RSS, processes)
         self.hwm: dict[int, int] = {}  # the last VmHWM seen of each process
+        self.parent: int | None = None
 
     def run(self) -> None:
         while True:
             rss = anon = parent = n = 0
-            for p in _tree(self.pid):
+            tree = _tree(self.root)
+            if self.parent is None and len(tree) > 1:
+                self.parent = tree[1]  # the root's only child
+            for p in tree[1:]:
                 s = _status(p)
                 if not s:
                     continue
                 n += 1
                 rss, anon = rss + s["VmRSS"], anon + s.get("RssAnon", 0)
                 self.hwm[p] = max(self.hwm.get(p, 0), s["VmHWM"])
-                if p == self.pid:
+                if p == self.parent:
                     parent = s["VmRSS"]
             if n:
                 self.samples.append((time.monotonic() - self.start_time, rss, anon, parent, n))
@@ -171,6 +177,17 @@ class TreeSampler(threading.Thread):
         self.join()
 
 
+# Runs the command in argv and prints ru_maxrss (KiB) of it and its reaped descendants. A process exec'd by this
+# benchmark starts with this benchmark's high-water mark as its ru_maxrss (exec keeps the replaced image's), so the
+# prep is started from a small launcher, whose own high-water mark is what its child inherits.
+LAUNCHER = """import os, subprocess, sys
+child = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL)
+_, status, usage = os.wait4(child.pid, 0)
+print(usage.ru_maxrss, flush=True)
+sys.exit(os.waitstatus_to_exitcode(status))
+"""
+
+
 def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dict:
     """One prep of data into out in a fresh process: timings, stderr lines and memory."""
     cmd = [sys.executable, "-m", "moe_dist.data.prep", "--input", str(data), "--out", str(out),
@@ -179,21 +196,20 @@ def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dic
         cmd += ["--workers", str(workers)]
     load = os.getloadavg()[0]  # a shared machine: other work on the cores shows here
     start = time.monotonic()
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
-                            cwd=Path(__file__).resolve().parent.parent)
-    sampler = TreeSampler(proc.pid)
-    sampler.start_time = start
+    proc = subprocess.Popen([sys.executable, "-c", LAUNCHER, *cmd], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, cwd=Path(__file__).resolve().parent.parent)
+    sampler = TreeSampler(proc.pid, start)
     sampler.start()
     lines: list[tuple[float, str]] = []
     reader = threading.Thread(target=lambda: lines.extend((time.monotonic() - start, line.rstrip())
                                                           for line in proc.stderr), daemon=True)
     reader.start()
-    _, status, usage = os.wait4(proc.pid, 0)
+    maxrss = proc.stdout.read().split()
+    proc.wait()
     seconds = time.monotonic() - start
-    proc.returncode = os.waitstatus_to_exitcode(status)
     sampler.stop()
     reader.join()
-    if proc.returncode != 0:
+    if proc.returncode != 0 or len(maxrss) != 1:
         raise SystemExit("prep_throughput: prep failed (exit code {}):\n{}".format(
             proc.returncode, "\n".join(line for _, line in lines[-20:])))
     tokenizing = [(t, m) for t, line in lines if (m := TOKENIZING.search(line))]
@@ -201,12 +217,12 @@ def run_prep(data: Path, out: Path, tokenizer: Path, workers: int | None) -> dic
     samples = sampler.samples
     return {"loadavg_1min_before": load, "seconds": seconds,
             "tokenizing_seconds": float(tokenizing[-1][1].group(1)) if tokenizing else None,
-            "largest_process_peak": usage.ru_maxrss * 1024,
+            "largest_process_peak": int(maxrss[0]) * 1024,
             "tree_rss_peak": max(s[1] for s in samples), "tree_anon_peak": max(s[2] for s in samples),
             "parent_peak_streaming": max((s[3] for s in samples if s[0] <= end), default=0),
             "parent_peak_after": max((s[3] for s in samples if s[0] > end), default=0),
-            "parent_hwm_seen": sampler.hwm.get(proc.pid, 0),
-            "worker_hwm_seen": max((h for p, h in sampler.hwm.items() if p != proc.pid), default=0),
+            "parent_hwm_seen": sampler.hwm.get(sampler.parent, 0),
+            "worker_hwm_seen": max((h for p, h in sampler.hwm.items() if p != sampler.parent), default=0),
             "max_processes": max(s[4] for s in samples), "samples": len(samples),
             "loadavg_1min_after": os.getloadavg()[0],
             "timeline": [list(s) for s in samples[::max(1, len(samples) // 400)]],
