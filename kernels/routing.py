@@ -1,6 +1,7 @@
 """Token permutation for MoE: group the (token, expert) pairs by expert, and back.
 
-`plan_routing` sorts the T*k pairs by expert once; `permute` gathers token rows into that order
+`capacity_keep` marks the pairs that fit an expert's capacity; `plan_routing` sorts the T*k pairs
+into groups (experts, or whatever groups an exchange asks for) once; `permute` gathers token rows into that order
 and `unpermute` gathers expert outputs back, weighting and summing the k choices per token. Both
 directions are gathers (no scatter-add, no atomics), so forward and backward are deterministic.
 The gather-and-sum steps are one `embedding_bag` each: no [T, k, D] intermediate is written,
@@ -9,6 +10,7 @@ and `unpermute` saves no [T*k, D] tensor for backward beyond its input rows.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -38,7 +40,7 @@ class RoutingPlan:
 
 
 def plan_routing(expert_ids: Tensor, num_experts: int, keep: Tensor | None = None) -> RoutingPlan:
-    """Stable-sort the pairs of `expert_ids [T, k]` by expert; pairs where `keep` is False are dropped."""
+    """Stable-sort the pairs of `expert_ids [T, k]` by expert (or group); pairs where `keep` is False are dropped."""
     num_tokens, top_k = expert_ids.shape
     flat = expert_ids.reshape(-1)
     num_rows = flat.numel()
@@ -51,6 +53,21 @@ def plan_routing(expert_ids: Tensor, num_experts: int, keep: Tensor | None = Non
     row_of_pair = torch.full_like(flat, -1)
     row_of_pair[pair_of_row] = torch.arange(num_rows, device=flat.device)
     return RoutingPlan(counts[:num_experts], pair_of_row, row_of_pair.view(num_tokens, top_k))
+
+
+def capacity_keep(expert_ids: Tensor, seq_len: int, num_experts: int, capacity: int) -> Tensor:
+    """True for the pairs that fit: the first `capacity` pairs, in token order, per (sequence, expert)."""
+    num_tokens, top_k = expert_ids.shape
+    sequence = torch.arange(num_tokens, device=expert_ids.device).div(seq_len, rounding_mode="floor")
+    key = (sequence.unsqueeze(1) * num_experts + expert_ids).reshape(-1)
+    order = torch.argsort(key, stable=True)
+    group_sizes = torch.zeros(int(math.ceil(num_tokens / seq_len)) * num_experts, dtype=torch.int64,
+                              device=key.device).scatter_add_(0, key, torch.ones_like(key))
+    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
+    sorted_key = key[order]
+    position = torch.empty_like(key)
+    position[order] = torch.arange(key.numel(), device=key.device) - group_starts[sorted_key]
+    return (position < capacity).view(num_tokens, top_k)
 
 
 def _sum_pairs(rows: Tensor, plan: RoutingPlan, weights: Tensor | None) -> Tensor:

@@ -8,7 +8,7 @@ from torch.distributed.tensor import DTensor, Shard
 from moe_dist.config import Config, load_config
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
-from moe_dist.parallel.expert_parallel import AllToAllDispatcher
+from moe_dist.parallel.expert_parallel import AllToAllExchange
 from moe_dist.parallel.fsdp import expert_shard_dim
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
@@ -68,11 +68,11 @@ def reference_run(cfg: Config, batches: torch.Tensor) -> tuple[list, dict]:
 
 def assert_layout(model, ep: int) -> None:
     """The model really runs the layout a test claims: with ep > 1, every MoE layer's experts are DTensors
-    sharded on dim 0 over a mesh dim "ep" of that size and tokens go through the all-to-all dispatcher (so
+    sharded on dim 0 over a mesh dim "ep" of that size and tokens go through the all-to-all exchange (so
     FSDP alone cannot pass an EP test); with ep = 1, no layer is expert-parallel. FSDP cuts the experts on
     the dim `expert_shard_dim` names."""
     for moe in moe_layers(model):
-        assert isinstance(moe.dispatch, AllToAllDispatcher) == (ep > 1), moe.dispatch
+        assert isinstance(moe.exchange, AllToAllExchange) == (ep > 1), moe.exchange
         for name, w in moe.experts.named_parameters():
             names = w.device_mesh.mesh_dim_names
             if "dp_shard" in names:  # FSDP's cut: dim 2 where the local experts do not divide over its ranks

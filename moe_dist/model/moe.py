@@ -1,7 +1,9 @@
-"""MoE feed-forward: router + grouped SwiGLU experts (+ optional shared expert) + a dispatcher."""
+"""MoE feed-forward: router + grouped SwiGLU experts (+ optional shared expert) + an exchange."""
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -11,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import plan_routing, permute, unpermute
 from moe_dist.config import MoEConfig
-from moe_dist.model.router import Router, RouterOutput
+from moe_dist.model.router import Router
 
 
 class FeedForward(nn.Module):
@@ -27,8 +29,43 @@ class FeedForward(nn.Module):
         return self.w2(nn.functional.silu(self.w1(x)) * self.w3(x))
 
 
+class Exchange(Protocol):
+    """Carries rows, grouped as `group_of` orders them, to their experts and back.
+
+    It runs `alongside` (the shared expert) while rows are in flight and returns its result too.
+    """
+
+    num_groups: int
+
+    def group_of(self, expert_ids: Tensor) -> Tensor:
+        """[T, k] expert ids -> [T, k] the group each (token, choice) pair is sorted into."""
+        ...
+
+    def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
+                 alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]: ...
+
+
+class LocalExchange:
+    """Every expert on this process: the groups are the experts, nothing moves."""
+
+    def __init__(self, num_experts: int):
+        self.num_groups = num_experts
+
+    def group_of(self, expert_ids: Tensor) -> Tensor:
+        return expert_ids
+
+    def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
+                 alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
+        return compute(rows, counts), alongside() if alongside is not None else None
+
+
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as [E, ...] tensors, run on rows grouped by expert."""
+    """E SwiGLU experts stored as [E, ...] tensors, run on rows grouped by expert.
+
+    `forward` hands the rows to an exchange, which brings each group to the process holding its
+    expert and calls `compute` there. Keeping the exchange inside this module's forward means a
+    wrapper such as FSDP sees one call per layer however many chunks the exchange cuts the rows into.
+    """
 
     def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto"):
         super().__init__()
@@ -37,29 +74,24 @@ class GroupedExperts(nn.Module):
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
 
-    def forward(self, rows: Tensor, counts: Tensor) -> Tensor:
+    def forward(self, rows: Tensor, counts: Tensor, exchange: Exchange,
+                alongside: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
+        """rows [N, D] grouped as `exchange.group_of` says, counts [exchange.num_groups] -> ([N, D], alongside())."""
+        return exchange(rows, counts, self.compute, alongside)
+
+    def compute(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows [N, D] grouped by this process's experts, counts [E_local] -> [N, D]."""
         # Sharded from the outside (expert parallelism), the weights are DTensors: use the local experts.
         w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
         return grouped_swiglu(rows, w1, w3, w2, counts, self.backend)
 
 
-class Dispatcher(Protocol):
-    def __call__(self, tokens: Tensor, route: RouterOutput, experts: GroupedExperts) -> Tensor: ...
-
-
-def local_dispatch(tokens: Tensor, route: RouterOutput, experts: GroupedExperts) -> Tensor:
-    """All experts on this process: permute, grouped GEMMs, unpermute."""
-    plan = plan_routing(route.expert_ids, route.counts.numel(), route.keep)
-    rows = experts(permute(tokens, plan), plan.counts)
-    return unpermute(rows, plan, route.weights)
-
-
 class MoE(nn.Module):
     """Replaces the dense FFN of a block. Returns (output, aux_loss).
 
-    `dispatch` moves tokens to their experts and back; the expert-parallel module swaps in an
-    all-to-all one, the model code stays the same.
+    The layer routes, sorts the (token, choice) pairs into groups, gathers the token rows in that
+    order (permute), and sums each token's k expert outputs back (unpermute). `exchange` only moves
+    grouped rows to their experts and back; the expert-parallel module swaps in an all-to-all one.
     """
 
     def __init__(self, dim: int, cfg: MoEConfig):
@@ -68,7 +100,7 @@ class MoE(nn.Module):
         self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm_backend)
         self.shared_expert = FeedForward(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
-        self.dispatch: Dispatcher = local_dispatch
+        self.exchange: Exchange = LocalExchange(cfg.num_experts)
         # Read by the trainer after each forward, for metrics and the aux-free bias update.
         self.last_counts: Tensor | None = None  # [E] pairs routed per expert, whole batch
         self.last_dropped: Tensor | None = None  # pairs dropped by capacity on this rank
@@ -79,13 +111,20 @@ class MoE(nn.Module):
         route = self.router(tokens, seq_len)
         self.last_counts = route.counts
         self.last_dropped = (~route.keep).sum() if route.keep is not None else torch.zeros((), dtype=torch.int64)
-        out = self.dispatch(tokens, route, self.experts)
-        if self.shared_expert is not None:
-            shared = self.shared_expert(tokens)
-            if self.shared_expert_gate is not None:
-                shared = torch.sigmoid(self.shared_expert_gate(tokens)) * shared
-            out = out + shared
+        plan = plan_routing(self.exchange.group_of(route.expert_ids), self.exchange.num_groups, route.keep)
+        shared = functools.partial(self.shared, tokens) if self.shared_expert is not None else None
+        rows, shared_out = self.experts(permute(tokens, plan), plan.counts, self.exchange, shared)
+        out = unpermute(rows, plan, route.weights)
+        if shared_out is not None:
+            out = out + shared_out
         return out.view(batch, seq_len, dim), route.aux_loss
+
+    def shared(self, tokens: Tensor) -> Tensor:
+        """The shared expert, sigmoid-gated where configured: every token goes through it."""
+        out = self.shared_expert(tokens)
+        if self.shared_expert_gate is not None:
+            out = torch.sigmoid(self.shared_expert_gate(tokens)) * out
+        return out
 
 
 def moe_layers(model: nn.Module) -> list[MoE]:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor, nn
 
+from kernels.routing import capacity_keep
 from moe_dist.config import MoEConfig
 
 
@@ -21,21 +22,6 @@ class RouterOutput:
     load_balance_loss: Tensor  # scalar, uncoefficiented, for metrics
     z_loss: Tensor  # scalar, uncoefficiented, for metrics
     counts: Tensor  # [E] float, pairs routed to each expert over the whole (reduced) batch
-
-
-def capacity_keep(expert_ids: Tensor, seq_len: int, num_experts: int, capacity: int) -> Tensor:
-    """True for the pairs that fit: the first `capacity` pairs, in token order, per (sequence, expert)."""
-    num_tokens, top_k = expert_ids.shape
-    sequence = torch.arange(num_tokens, device=expert_ids.device).div(seq_len, rounding_mode="floor")
-    key = (sequence.unsqueeze(1) * num_experts + expert_ids).reshape(-1)
-    order = torch.argsort(key, stable=True)
-    group_sizes = torch.zeros(int(math.ceil(num_tokens / seq_len)) * num_experts, dtype=torch.int64,
-                              device=key.device).scatter_add_(0, key, torch.ones_like(key))
-    group_starts = torch.cumsum(group_sizes, 0) - group_sizes
-    sorted_key = key[order]
-    position = torch.empty_like(key)
-    position[order] = torch.arange(key.numel(), device=key.device) - group_starts[sorted_key]
-    return (position < capacity).view(num_tokens, top_k)
 
 
 class Router(nn.Module):

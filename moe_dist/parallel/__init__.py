@@ -34,7 +34,7 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
     ep_mesh = mesh["ep"]
     if ep_mesh.size() > 1:
         for moe in moe_layers(model):
-            apply_expert_parallel(moe, ep_mesh)
+            apply_expert_parallel(moe, ep_mesh, cfg.ep_chunks)
     if cfg.activation_checkpoint:
         apply_activation_checkpointing(model)
     if cfg.compile:  # per block, in place (parameter names unchanged); the grouped GEMMs stay eager
