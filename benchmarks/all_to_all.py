@@ -1,10 +1,14 @@
-"""python -m benchmarks.all_to_all: the EP dispatcher's round trip against bare all_to_all_single.
+"""python -m benchmarks.all_to_all: the EP exchange's round trip against bare all_to_all_single, and its overlap.
 
-The dispatcher (`moe_dist.parallel.expert_parallel.AllToAllDispatcher`) runs with identity experts
-(rows come back unchanged), so what is timed is routing and communication only: the plan, the
-permutes, the count exchange and its host sync, two uneven all-to-alls and the regrouping by
-local expert. The reference sends the same rows with the same splits out and back with two bare
+The layer's part of expert parallelism (plan, permute, `AllToAllExchange`, unpermute) runs with
+identity experts (rows come back unchanged), so what is timed is routing and communication only:
+the plan, the permute and unpermute, the count exchange and its host sync and the all-to-alls. The
+reference sends the same rows with the same splits out and back with two bare
 `dist.all_to_all_single` calls into preallocated buffers (four for forward + backward).
+
+Then the same layer with real SwiGLU experts (hidden 2D), unchunked and in chunks, against the experts
+alone on the rows this rank receives: the fraction of communication hidden behind compute is
+(experts + exchange - layer) / exchange, the exchange being the identity round trip unchunked.
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 
 from benchmarks.common import environment, human, markdown_table, parser, setup, write_results
-from kernels.routing import plan_routing
-from moe_dist.model.router import RouterOutput
-from moe_dist.parallel.expert_parallel import AllToAllDispatcher
+from kernels.grouped_mm import grouped_swiglu
+from kernels.routing import permute, plan_routing, unpermute
+from moe_dist.parallel.expert_parallel import AllToAllExchange
+
+CHUNKS = (1, 2, 4)
 
 
 @dataclass(frozen=True)
@@ -47,13 +53,12 @@ def identity_experts(rows: Tensor, counts: Tensor) -> Tensor:
     return rows
 
 
-def random_route(case: Case, rank: int, device: torch.device, dtype: torch.dtype) -> RouterOutput:
+def random_route(case: Case, rank: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """[T, k] expert ids and combine weights, different on every rank."""
     g = torch.Generator(device=device).manual_seed(rank)
     weights, expert_ids = torch.randn(case.tokens, case.experts, device=device, generator=g).softmax(-1).topk(
         case.top_k, dim=-1)
-    zero = torch.zeros((), device=device)
-    counts = torch.zeros(case.experts, device=device)
-    return RouterOutput(expert_ids, weights.to(dtype), None, zero, zero, zero, counts)
+    return expert_ids, weights
 
 
 def rank_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
@@ -83,34 +88,59 @@ def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: in
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=case.world)
     try:
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
-        dispatcher = AllToAllDispatcher(init_device_mesh(device_type, (case.world,), mesh_dim_names=("ep",)),
-                                        case.experts)
-        route = random_route(case, rank, device, dtype)
+        mesh = init_device_mesh(device_type, (case.world,), mesh_dim_names=("ep",))
+        exchanges = {c: AllToAllExchange(mesh, case.experts, c) for c in CHUNKS}
+        expert_ids, weights = random_route(case, rank, device)
+        weights = weights.to(dtype)
         tokens = torch.randn(case.tokens, case.dim, device=device, dtype=dtype, requires_grad=True)
         grad = torch.randn_like(tokens)
+        num_local, hidden = case.experts // case.world, 2 * case.dim
+        g = torch.Generator(device=device).manual_seed(100 + rank)
+        w1, w3, w2 = (torch.randn(num_local, *shape, device=device, generator=g).div(shape[0] ** 0.5).to(dtype)
+                      .requires_grad_() for shape in ((case.dim, hidden), (case.dim, hidden), (hidden, case.dim)))
 
-        # The dispatcher's splits, computed once and untimed, for the bare reference.
-        counts = plan_routing(route.expert_ids, case.experts).counts
+        def swiglu(rows: Tensor, counts: Tensor) -> Tensor:
+            return grouped_swiglu(rows, w1, w3, w2, counts)
+
+        def layer(chunks: int, experts: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+            exchange = exchanges[chunks]
+            plan = plan_routing(exchange.group_of(expert_ids), exchange.num_groups)
+            rows, _ = exchange(permute(tokens, plan), plan.counts, experts, None)
+            return unpermute(rows, plan, weights)
+
+        # The rows this rank's experts receive, computed once and untimed: the bare reference's splits and
+        # the experts-alone input.
+        counts = plan_routing(expert_ids, case.experts).counts
         counts_in = torch.empty_like(counts)
         dist.all_to_all_single(counts_in, counts)
         send = counts.view(case.world, -1).sum(1).tolist()
         recv = counts_in.view(case.world, -1).sum(1).tolist()
         rows = torch.randn(sum(send), case.dim, device=device, dtype=dtype)
         received = rows.new_empty(sum(recv), case.dim)
+        local_rows = torch.randn(sum(recv), case.dim, device=device, dtype=dtype, requires_grad=True)
+        local_counts = counts_in.view(case.world, -1).sum(0)
 
         def bare_round_trip() -> None:
             dist.all_to_all_single(received, rows, recv, send)
             dist.all_to_all_single(rows, received, send, recv)
 
-        def dispatch() -> Tensor:
-            return dispatcher(tokens, route, identity_experts)
-
+        fns = {"bare": bare_round_trip, "experts": lambda: swiglu(local_rows, local_counts)}
+        fns |= {f"exchange c={c}": (lambda c=c: layer(c, identity_experts)) for c in CHUNKS}
+        fns |= {f"layer c={c}": (lambda c=c: layer(c, swiglu)) for c in CHUNKS}
         with torch.no_grad():
-            forward = rank_times({"dispatcher": dispatch, "bare": bare_round_trip}, device, repeats)
-        both = rank_times({"dispatcher": lambda: torch.autograd.grad(dispatch(), tokens, grad),
-                           "bare": lambda: (bare_round_trip(), bare_round_trip())}, device, repeats)
-        check = dispatch()  # identity experts: each token comes back as the sum of its combine weights
-        torch.testing.assert_close(check, tokens * route.weights.sum(-1, keepdim=True), rtol=2e-2, atol=1e-5)
+            forward = rank_times(fns, device, repeats)
+        grad_local = torch.randn_like(local_rows)
+        both_fns = {"bare": lambda: (bare_round_trip(), bare_round_trip()),
+                    "experts": lambda: torch.autograd.grad(swiglu(local_rows, local_counts),
+                                                           (local_rows, w1, w3, w2), grad_local)}
+        both_fns |= {f"exchange c={c}": (lambda c=c: torch.autograd.grad(layer(c, identity_experts), tokens, grad))
+                     for c in CHUNKS}
+        both_fns |= {f"layer c={c}": (lambda c=c: torch.autograd.grad(layer(c, swiglu), (tokens, w1, w3, w2), grad))
+                     for c in CHUNKS}
+        both = rank_times(both_fns, device, repeats)
+        for c in CHUNKS:  # identity experts: each token comes back as the sum of its combine weights
+            torch.testing.assert_close(layer(c, identity_experts), tokens * weights.sum(-1, keepdim=True),
+                                       rtol=2e-2, atol=1e-5)
         if rank == 0:
             row_bytes = case.dim * tokens.element_size()
             with open(out, "w") as f:
@@ -127,8 +157,13 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
                  nprocs=case.world)
         with open(out) as f:
             timed = json.load(f)
-    return {**asdict(case), "threads_per_rank": threads, "bytes_per_rank": timed["bytes_per_rank"],
-            **{p: {**timed[p], "ratio": timed[p]["dispatcher"] / timed[p]["bare"]} for p in ("fwd", "fwd+bwd")}}
+    result = {**asdict(case), "threads_per_rank": threads, "bytes_per_rank": timed["bytes_per_rank"]}
+    for pass_name in ("fwd", "fwd+bwd"):
+        t = timed[pass_name]
+        comm = t["exchange c=1"]
+        result[pass_name] = {**t, **{f"ratio c={c}": t[f"exchange c={c}"] / t["bare"] for c in CHUNKS},
+                             **{f"hidden c={c}": (t["experts"] + comm - t[f"layer c={c}"]) / comm for c in CHUNKS}}
+    return result
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -139,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     env = environment(device)
     backend = "NCCL" if device.type == "cuda" else "gloo"
     cases = FULL if args.full else QUICK
-    print(f"## all_to_all: EP dispatcher round trip vs bare all_to_all_single, {backend}, {env['device']}, "
+    print(f"## all_to_all: EP exchange round trip vs bare all_to_all_single, and overlap, {backend}, {env['device']}, "
           f"torch {env['torch']}, {'full' if args.full else 'quick'} sweep", flush=True)
     if device.type == "cpu":
         print("NCCL: not run, no CUDA device; the ranks are CPU processes on gloo.")
@@ -152,16 +187,22 @@ def main(argv: list[str] | None = None) -> int:
         results.append(run_case(case, device, args.repeats))
     rows = [[r["world"], r["tokens"], r["experts"], r["top_k"], r["dim"], r["threads_per_rank"],
              f"{r['bytes_per_rank'] / 2**20:.1f}", pass_name, f"{r[pass_name]['bare'] * 1e3:.2f}",
-             f"{r[pass_name]['dispatcher'] * 1e3:.2f}", f"{r[pass_name]['ratio']:.2f}×",
-             human(r["tokens"] * r["world"] / r[pass_name]["dispatcher"])]
+             *[f"{r[pass_name][f'ratio c={c}']:.2f}x" for c in CHUNKS], f"{r[pass_name]['experts'] * 1e3:.2f}",
+             *[f"{r[pass_name][f'layer c={c}'] * 1e3:.2f}" for c in CHUNKS],
+             *[f"{r[pass_name][f'hidden c={c}']:.0%}" for c in CHUNKS],
+             human(r["tokens"] * r["world"] / r[pass_name]["layer c=1"])]
             for r in results for pass_name in ("fwd", "fwd+bwd")]
     print(markdown_table(["ranks", "tokens/rank", "E", "k", "D", "threads/rank", "MiB sent/rank", "pass", "bare ms",
-                          "dispatcher ms", "overhead ratio", "tokens/s (all ranks)"], rows))
-    print("\nexperts: identity. bare: the same rows and splits out and back (fwd: 2 all_to_all_single, fwd+bwd: 4). "
-          "Times: median over repeats of the slowest rank.")
+                          *[f"exchange/bare c={c}" for c in CHUNKS], "experts ms",
+                          *[f"layer ms c={c}" for c in CHUNKS], *[f"hidden c={c}" for c in CHUNKS],
+                          "tokens/s c=1 (all ranks)"], rows))
+    print("\nexchange: plan, permute, all-to-alls, unpermute with identity experts, over the bare all_to_all_single "
+          "round trip of the same rows (fwd: 2 calls, fwd+bwd: 4). layer: the same with SwiGLU experts (hidden 2D); "
+          "experts: those experts alone on the rows this rank receives. hidden: (experts + exchange c=1 - layer) / "
+          "exchange c=1. c: parallel.ep_chunks. Times: median over repeats of the slowest rank.")
     for reason in skipped:
         print(f"- skipped {reason}")
-    path = write_results("all_to_all", {"benchmark": "all_to_all", **env, "backend": backend, "experts": "identity",
+    path = write_results("all_to_all", {"benchmark": "all_to_all", **env, "backend": backend, "chunks": list(CHUNKS),
                                         "sweep": "full" if args.full else "quick", "results": results,
                                         "skipped": skipped})
     print(f"\nresults: {path}")

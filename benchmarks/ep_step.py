@@ -2,8 +2,10 @@
 
     python benchmarks/ep_step.py [--world 4] [--config tiny] [--steps 10]
 
-Spawns `world` gloo ranks on CPU (NCCL on GPUs); each builds the model at ep = 1 and at ep = world
-in turn and times the same steps on the same tokens.
+Spawns `world` gloo ranks on CPU (NCCL on GPUs); each builds the model at ep = 1, then at ep = world
+with each `parallel.ep_chunks` in turn, and times the same steps on the same tokens. Exposed
+communication is the time the exchange spends blocked on its all-to-alls; the fraction hidden is
+1 - exposed / exposed unchunked (c = 1, where only the shared expert, if any, overlaps them).
 """
 
 from __future__ import annotations
@@ -20,25 +22,56 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import moe_dist.parallel.expert_parallel as expert_parallel
+
 from moe_dist.config import load_config
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
+CHUNKS = (1, 2, 4)
 
 
-def time_steps(rank: int, world: int, config: str, ep: int, steps: int, device: torch.device) -> list[float]:
-    cfg = load_config(config, {"parallel.ep": ep})
+class TimedWork:
+    """A work handle that adds the time its caller spends blocked in `wait` to `blocked[0]`."""
+
+    blocked = [0.0]
+
+    def __init__(self, work: dist.Work):
+        self.work = work
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        self.work.wait()
+        TimedWork.blocked[0] += time.perf_counter() - start
+
+
+def time_blocked_waits() -> None:
+    """Wrap the exchange's all-to-all handles in TimedWork (this process only)."""
+    start = expert_parallel._start
+
+    def timed_start(rows: torch.Tensor, splits) -> tuple[torch.Tensor, list]:
+        landed, works = start(rows, splits)
+        return landed, [TimedWork(w) for w in works]
+
+    expert_parallel._start = timed_start
+
+
+def time_steps(rank: int, world: int, config: str, ep: int, chunks: int, steps: int,
+               device: torch.device) -> tuple[list[float], list[float]]:
+    """Seconds per step and seconds blocked on the exchange's all-to-alls per step, after two warm-up steps."""
+    cfg = load_config(config, {"parallel.ep": ep, "parallel.ep_chunks": chunks})
     model = build_model(cfg, build_mesh(cfg, world, device.type), Runtime(rank, world, rank, device))
     optimizer = build_optimizer(model, cfg.optim, device)
     scheduler = build_scheduler(optimizer, cfg.optim, steps + 2)
     gen = torch.Generator().manual_seed(rank)
-    times = []
+    times, blocked = [], []
     for i in range(steps + 2):  # two warm-up steps
         windows = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1), generator=gen)
         batch = (windows[:, :-1].to(device), windows[:, 1:].to(device))
         dist.barrier()
+        TimedWork.blocked[0] = 0.0
         start = time.perf_counter()
         train_step(model, optimizer, scheduler, [batch], cfg.optim.grad_clip)
         if device.type == "cuda":
@@ -46,7 +79,8 @@ def time_steps(rank: int, world: int, config: str, ep: int, steps: int, device: 
         dist.barrier()
         if i >= 2:
             times.append(time.perf_counter() - start)
-    return times
+            blocked.append(TimedWork.blocked[0])
+    return times, blocked
 
 
 def worker(rank: int, world: int, store_dir: str, config: str, steps: int) -> None:
@@ -57,17 +91,31 @@ def worker(rank: int, world: int, store_dir: str, config: str, steps: int) -> No
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store_dir}/store",
                             rank=rank, world_size=world)
-    medians = {ep: statistics.median(time_steps(rank, world, config, ep, steps, device)) for ep in (1, world)}
+    time_blocked_waits()
+    layouts = [(1, 1)] + [(world, c) for c in CHUNKS]
+    medians = {}
+    for ep, chunks in layouts:
+        times, blocked = time_steps(rank, world, config, ep, chunks, steps, device)
+        medians[ep, chunks] = statistics.median(times), statistics.median(blocked)
+    # Every rank's figures: the step waits for the slowest rank.
+    figures = torch.tensor([medians[layout] for layout in layouts], dtype=torch.float64, device=device)
+    dist.all_reduce(figures, op=dist.ReduceOp.MAX)
+    medians = dict(zip(layouts, figures.tolist()))
     if rank == 0:
         cfg = load_config(config)
         tokens = world * cfg.data.micro_batch * cfg.data.seq_len
-        rows = [{"ep": ep, "dp_shard": world // ep, "step_ms": 1e3 * t, "tokens_per_s": tokens / t,
-                 "time_vs_ep1": t / medians[1]} for ep, t in medians.items()]
-        print(f"| config {config}, world {world}, {device.type}, global batch {tokens} tokens | | | | |")
-        print("| ep | dp_shard | step (ms, median) | tokens/s | time vs ep=1 |\n|---|---|---|---|---|")
+        base, exposed_unchunked = medians[1, 1][0], medians[world, 1][1]
+        rows = [{"ep": ep, "dp_shard": world // ep, "ep_chunks": chunks, "step_ms": 1e3 * t, "tokens_per_s": tokens / t,
+                 "time_vs_ep1": t / base, "blocked_ms": 1e3 * b,
+                 "hidden": (1 - b / exposed_unchunked) if ep > 1 and exposed_unchunked > 0 else None}
+                for (ep, chunks), (t, b) in medians.items()]
+        print(f"| config {config}, world {world}, {device.type}, global batch {tokens} tokens | | | | | | |")
+        print("| ep | dp_shard | ep_chunks | step (ms, median) | time vs ep=1 | blocked on all-to-all (ms) "
+              "| comm hidden vs c=1 |\n|---|---|---|---|---|---|---|")
         for r in rows:
-            print(f"| {r['ep']} | {r['dp_shard']} | {r['step_ms']:.1f} | {r['tokens_per_s']:,.0f} "
-                  f"| {r['time_vs_ep1']:.2f}x |")
+            hidden = "" if r["hidden"] is None else f"{r['hidden']:.0%}"
+            print(f"| {r['ep']} | {r['dp_shard']} | {r['ep_chunks'] if r['ep'] > 1 else ''} | {r['step_ms']:.1f} "
+                  f"| {r['time_vs_ep1']:.2f}x | {r['blocked_ms']:.1f} | {hidden} |")
         RESULTS.mkdir(exist_ok=True)
         (RESULTS / "ep_step.json").write_text(json.dumps(
             {"config": config, "world": world, "device": device.type, "torch": torch.__version__,

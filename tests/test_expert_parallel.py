@@ -5,11 +5,16 @@ import torch
 import torch.distributed as dist
 from torch.distributed.tensor import DTensor
 
+from torch.distributed.device_mesh import init_device_mesh
+
 from distributed import run_on_ranks
 from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distributed_run, global_batches,
                          reference_run, small_config, split)
+from kernels.grouped_mm import grouped_swiglu
+from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.config import ConfigError, ParallelConfig
 from moe_dist.model import Transformer, moe_layers
+from moe_dist.parallel.expert_parallel import AllToAllExchange
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh, resolve_mesh
 from moe_dist.train import build_model, loss_fn, sum_over_ranks
@@ -54,17 +59,21 @@ def forward_backward(model, inputs, targets) -> dict:
             "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
 
 
-def ep_worker(rank, world_size, ep, cases):
+def ep_worker(rank, world_size, ep, cases, chunk_counts):
+    """Each case at each parallel.ep_chunks: {chunks: forward_backward results}."""
     results = []
     for cfg, skewed, batch in cases:
-        cfg.parallel.ep = ep
-        model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
-                            Runtime(rank, world_size, rank, torch.device("cpu")))
-        assert_layout(model, ep)
-        if skewed:
-            skew(model)
-        local = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
-        results.append(forward_backward(model, *split(local)))
+        by_chunks = {}
+        for chunks in chunk_counts:
+            cfg.parallel.ep, cfg.parallel.ep_chunks = ep, chunks
+            model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
+                                Runtime(rank, world_size, rank, torch.device("cpu")))
+            assert_layout(model, ep)
+            if skewed:
+                skew(model)
+            local = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
+            by_chunks[chunks] = forward_backward(model, *split(local))
+        results.append(by_chunks)
     return results
 
 
@@ -75,26 +84,119 @@ def reference(cfg, skewed, batch) -> dict:
     return forward_backward(model, *split(batch))
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("world_size,ep", MESHES)
 def test_forward_and_gradients_match_single_process(world_size, ep):
+    """Every routing, unchunked and in 3 chunks (uneven: 64 tokens a rank), against one process; the chunked
+    exchange against the unchunked one within 1e-6 of the largest value."""
     cases = [make_case(routing, world_size) for routing in ROUTINGS]
-    per_rank = run_on_ranks(ep_worker, world_size, ep, cases)
+    per_rank = run_on_ranks(ep_worker, world_size, ep, cases, (1, 3))
     for i, case in enumerate(cases):
         want = reference(*case)
-        got = [rank_results[i] for rank_results in per_rank]
-        tol = dict(rtol=1e-5, atol=1e-6)
-        torch.testing.assert_close(torch.cat([g["logits"] for g in got]), want["logits"], **tol)
-        for g in got:
-            assert abs(g["loss"] - want["loss"]) <= 1e-5 * want["loss"]
-            assert abs(g["aux_loss"] - want["aux_loss"]) <= 1e-5 * want["aux_loss"]
-            for name, grad in want["grads"].items():
-                torch.testing.assert_close(g["grads"][name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(),
-                                           msg=lambda m, i=i, name=name: f"{ROUTINGS[i]} {name}: {m}")
-        # Capacity drops exactly the pairs that one process drops.
-        assert sum(g["dropped"] for g in got) == want["dropped"]
-        if "moe.capacity_factor" in ROUTINGS[i]:
-            assert want["dropped"] > 0
+        for chunks in (1, 3):
+            got = [rank_results[i][chunks] for rank_results in per_rank]
+            tol = dict(rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(torch.cat([g["logits"] for g in got]), want["logits"], **tol)
+            for g in got:
+                assert abs(g["loss"] - want["loss"]) <= 1e-5 * want["loss"]
+                assert abs(g["aux_loss"] - want["aux_loss"]) <= 1e-5 * want["aux_loss"]
+                for name, grad in want["grads"].items():
+                    torch.testing.assert_close(g["grads"][name], grad, rtol=1e-5, atol=1e-5 * grad.abs().max().item(),
+                                               msg=lambda m, i=i, name=name: f"{ROUTINGS[i]} {name}: {m}")
+            # Capacity drops exactly the pairs that one process drops.
+            assert sum(g["dropped"] for g in got) == want["dropped"]
+            if "moe.capacity_factor" in ROUTINGS[i]:
+                assert want["dropped"] > 0
+        for unchunked, chunked in ((r[i][1], r[i][3]) for r in per_rank):
+            assert relative_error(chunked["logits"], unchunked["logits"]) <= 1e-6, ROUTINGS[i]
+            for name, grad in unchunked["grads"].items():
+                assert relative_error(chunked["grads"][name], grad) <= 1e-6, (ROUTINGS[i], name)
+
+
+class LoggedWork:
+    def __init__(self, work, events: list):
+        self.work, self.events = work, events
+
+    def wait(self) -> None:
+        self.events.append("W")
+        self.work.wait()
+
+
+def exchange_layer(exchange, tokens, expert_ids, weights, compute, alongside=None):
+    """The MoE layer's steps around an exchange: plan, permute, exchange, unpermute."""
+    plan = plan_routing(exchange.group_of(expert_ids), exchange.num_groups)
+    rows, shared = exchange(permute(tokens, plan), plan.counts, compute, alongside)
+    return unpermute(rows, plan, weights), shared
+
+
+def pipeline_worker(rank, world_size):
+    mesh = init_device_mesh("cpu", (world_size,), mesh_dim_names=("ep",))
+    gen = torch.Generator().manual_seed(rank)
+    tokens = torch.randn(64, 8, generator=gen, requires_grad=True)
+    weights, expert_ids = torch.randn(64, 4, generator=gen).softmax(-1).topk(2, dim=-1)
+
+    # The order of events at 2 chunks, one expert per rank: S starts an all-to-all, W waits for one, Cc / Bc
+    # are chunk c's experts forward / backward, A / a the shared expert forward / backward.
+    events = []
+    all_to_all_single = dist.all_to_all_single
+
+    def logged_all_to_all(*args, async_op=False, **kwargs):
+        work = all_to_all_single(*args, async_op=async_op, **kwargs)
+        if not async_op:
+            return work
+        events.append("S")
+        return LoggedWork(work, events)
+
+    def compute(rows, counts):
+        chunk = sum(e.startswith("C") for e in events)
+        events.append(f"C{chunk}")
+        out = rows * 2
+        out.register_hook(lambda grad: events.append(f"B{chunk}"))  # runs as the product's backward starts
+        return out
+
+    def alongside():
+        events.append("A")
+        out = tokens * 3
+        out.register_hook(lambda grad: events.append("a"))
+        return out
+
+    dist.all_to_all_single = logged_all_to_all
+    try:
+        exchange = AllToAllExchange(mesh, world_size, chunks=2)
+        out, shared = exchange_layer(exchange, tokens, expert_ids[:, :1] % world_size, weights[:, :1], compute,
+                                     alongside)
+        forward = "".join(events)
+        events.clear()
+        (out.sum() + shared.sum()).backward()
+        backward = "".join(events)
+    finally:
+        dist.all_to_all_single = all_to_all_single
+
+    # More chunks than tokens (most chunks empty, their all-to-alls of zero rows) against one chunk, with
+    # SwiGLU experts: 2 of the 4 experts on each rank.
+    w1, w3, w2 = (torch.randn(2, *shape, generator=gen, requires_grad=True) for shape in ((8, 16), (8, 16), (16, 8)))
+    grad_out = torch.randn(64, 8, generator=gen)
+    results = {}
+    for chunks in (1, 70):
+        out, _ = exchange_layer(AllToAllExchange(mesh, 4, chunks), tokens, expert_ids, weights,
+                                lambda rows, counts: grouped_swiglu(rows, w1, w3, w2, counts))
+        results[chunks] = (out.detach(), *torch.autograd.grad(out, (tokens, w1, w3, w2), grad_out))
+    return forward, backward, results
+
+
+def test_exchange_overlaps_chunks_and_mirrors_them_in_backward():
+    """Forward: chunk 1 is sent before chunk 0's experts run and chunk 0 comes back while chunk 1's run; the
+    shared expert runs while chunk 0 is in flight. Backward runs the same pipeline in reverse. And empty
+    chunks (70 chunks of 64 tokens) give what one chunk gives."""
+    for forward, backward, results in run_on_ranks(pipeline_worker, 2):
+        assert forward == "SASWC0SWC1WSW", forward
+        assert backward == "SWSB1SWB0SWaW", backward
+        for got, want in zip(results[70], results[1]):
+            assert relative_error(got, want) <= 1e-6
 
 
 def trajectory_worker(rank, world_size, cfg, batches):

@@ -87,6 +87,9 @@ class _Land(torch.autograd.Function):
         for work in flight.works:
             work.wait()
         flight.works = []
+        # Filled in place by the transfer: returned as itself, not as a view (which a wrapper such as FSDP
+        # would have to treat as one an in-place op could detach from its hooks).
+        ctx.mark_dirty(landed)
         return landed
 
     @staticmethod
