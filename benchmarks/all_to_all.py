@@ -104,7 +104,7 @@ def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: in
 
         def layer(chunks: int, experts: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
             exchange = exchanges[chunks]
-            plan = plan_routing(exchange.group_of(expert_ids), exchange.num_groups)
+            plan = plan_routing(*exchange.group_of(expert_ids))
             rows, _ = exchange(permute(tokens, plan), plan.counts, experts, None)
             return unpermute(rows, plan, weights)
 

@@ -79,7 +79,9 @@ class MoEConfig:
 class ParallelConfig:
     ep: int = num(1, "[0, inf)")  # expert-parallel degree; 0 = auto: gcd(world size, num_experts)
     dp_shard: int = num(-1, "[-1, inf)")  # -1 = world // ep
-    ep_chunks: int = num(2, "[1, inf)")  # each MoE layer's tokens in this many chunks, all-to-all overlapped with compute
+    # Each MoE layer's tokens in this many chunks, whose all-to-alls overlap the experts' compute; 0 = auto:
+    # one per 2 MiB of rows a rank sends, at most 4 (parallel/expert_parallel.py).
+    ep_chunks: int = num(0, "[0, inf)")
     activation_checkpoint: bool = False
     compile: bool = False
     param_dtype: str = "auto"  # auto (bf16 on CUDA, fp32 on CPU) | float32 | bfloat16

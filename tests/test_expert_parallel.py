@@ -128,7 +128,7 @@ class LoggedWork:
 
 def exchange_layer(exchange, tokens, expert_ids, weights, compute, alongside=None):
     """The MoE layer's steps around an exchange: plan, permute, exchange, unpermute."""
-    plan = plan_routing(exchange.group_of(expert_ids), exchange.num_groups)
+    plan = plan_routing(*exchange.group_of(expert_ids))
     rows, shared = exchange(permute(tokens, plan), plan.counts, compute, alongside)
     return unpermute(rows, plan, weights), shared
 

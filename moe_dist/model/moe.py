@@ -35,10 +35,8 @@ class Exchange(Protocol):
     It runs `alongside` (the shared expert) while rows are in flight and returns its result too.
     """
 
-    num_groups: int
-
-    def group_of(self, expert_ids: Tensor) -> Tensor:
-        """[T, k] expert ids -> [T, k] the group each (token, choice) pair is sorted into."""
+    def group_of(self, expert_ids: Tensor) -> tuple[Tensor, int]:
+        """[T, k] expert ids -> ([T, k] the group each (token, choice) pair is sorted into, how many groups)."""
         ...
 
     def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
@@ -49,10 +47,10 @@ class LocalExchange:
     """Every expert on this process: the groups are the experts, nothing moves."""
 
     def __init__(self, num_experts: int):
-        self.num_groups = num_experts
+        self.num_experts = num_experts
 
-    def group_of(self, expert_ids: Tensor) -> Tensor:
-        return expert_ids
+    def group_of(self, expert_ids: Tensor) -> tuple[Tensor, int]:
+        return expert_ids, self.num_experts
 
     def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
                  alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
@@ -76,7 +74,7 @@ class GroupedExperts(nn.Module):
 
     def forward(self, rows: Tensor, counts: Tensor, exchange: Exchange,
                 alongside: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
-        """rows [N, D] grouped as `exchange.group_of` says, counts [exchange.num_groups] -> ([N, D], alongside())."""
+        """rows [N, D] grouped as `exchange.group_of` says, counts [groups] -> ([N, D], alongside())."""
         return exchange(rows, counts, self.compute, alongside)
 
     def compute(self, rows: Tensor, counts: Tensor) -> Tensor:
@@ -111,7 +109,7 @@ class MoE(nn.Module):
         route = self.router(tokens, seq_len)
         self.last_counts = route.counts
         self.last_dropped = (~route.keep).sum() if route.keep is not None else torch.zeros((), dtype=torch.int64)
-        plan = plan_routing(self.exchange.group_of(route.expert_ids), self.exchange.num_groups, route.keep)
+        plan = plan_routing(*self.exchange.group_of(route.expert_ids), route.keep)
         shared = functools.partial(self.shared, tokens) if self.shared_expert is not None else None
         rows, shared_out = self.experts(permute(tokens, plan), plan.counts, self.exchange, shared)
         out = unpermute(rows, plan, route.weights)

@@ -31,16 +31,16 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
         reduce = functools.partial(funcol.all_reduce, reduceOp="sum", group=batch_mesh.get_group())
         for moe in moe_layers(model):
             moe.router.all_reduce_stats = reduce
+    mp_policy = mixed_precision(cfg.param_dtype, cfg.reduce_dtype, device)
     ep_mesh = mesh["ep"]
     if ep_mesh.size() > 1:
         for moe in moe_layers(model):
-            apply_expert_parallel(moe, ep_mesh, cfg.ep_chunks)
+            apply_expert_parallel(moe, ep_mesh, cfg.ep_chunks, mp_policy.param_dtype)
     if cfg.activation_checkpoint:
         apply_activation_checkpointing(model)
     if cfg.compile:  # per block, in place (parameter names unchanged); the grouped GEMMs stay eager
         for block in model.layers:
             block.compile()
-    mp_policy = mixed_precision(cfg.param_dtype, cfg.reduce_dtype, device)
     if ep_mesh.size() > 1:
         # An expert sees the tokens of its whole EP group, so its summed gradient is ep times a
         # dense weight's: divide by the world size rather than by the dp_shard ranks alone.

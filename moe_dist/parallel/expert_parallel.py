@@ -106,41 +106,57 @@ def _transfer_start(rows: Tensor, splits: _Splits) -> tuple[Tensor, _InFlight]:
     return _Send.apply(rows, flight), flight
 
 
+# parallel.ep_chunks = 0 (auto): one chunk per this many bytes of rows a rank sends, at most MAX_AUTO_CHUNKS.
+# On the 2-core CPU (benchmarks/RESULTS.md) 2 and 4 chunks beat 1 at 8 MiB a rank and lost to it at 0.5 MiB
+# (the tiny config), where each extra all-to-all's latency outweighs what it hides.
+AUTO_CHUNK_BYTES = 2 * 2**20
+MAX_AUTO_CHUNKS = 4
+
+
 class AllToAllExchange:
     """Send each chunk's grouped rows to the ranks owning their experts, compute there, send the results back."""
 
-    def __init__(self, ep_mesh: DeviceMesh, num_experts: int, chunks: int):
+    def __init__(self, ep_mesh: DeviceMesh, num_experts: int, chunks: int, row_bytes: int = 0):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
+        self.num_experts = num_experts
         self.num_local = num_experts // self.ep
-        self.chunks = chunks
-        self.num_groups = chunks * num_experts
+        self.chunks = chunks  # 0: by the bytes sent, `row_bytes` a routed row
+        self.row_bytes = row_bytes
 
-    def group_of(self, expert_ids: Tensor) -> Tensor:
+    def chunks_for(self, num_pairs: int) -> int:
+        """The same on every rank: every rank routes as many (token, choice) pairs."""
+        if self.chunks:
+            return self.chunks
+        return max(1, min(MAX_AUTO_CHUNKS, num_pairs * self.row_bytes // AUTO_CHUNK_BYTES))
+
+    def group_of(self, expert_ids: Tensor) -> tuple[Tensor, int]:
         """Pairs sorted by (chunk of their token, local expert, destination rank)."""
         num_tokens = expert_ids.shape[0]
-        chunk = torch.arange(num_tokens, device=expert_ids.device).mul_(self.chunks).div_(
+        chunks = self.chunks_for(expert_ids.numel())
+        chunk = torch.arange(num_tokens, device=expert_ids.device).mul_(chunks).div_(
             max(num_tokens, 1), rounding_mode="floor").unsqueeze(1)
         rank, local = expert_ids.div(self.num_local, rounding_mode="floor"), expert_ids % self.num_local
-        return (chunk * self.num_local + local) * self.ep + rank
+        return (chunk * self.num_local + local) * self.ep + rank, chunks * self.num_experts
 
     @torch.compiler.disable
     def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
                  alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
-        send_PCJ = counts.view(self.chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
+        chunks = counts.numel() // self.num_experts
+        send_PCJ = counts.view(chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
         recv_PCJ = torch.empty_like(send_PCJ)
         dist.all_to_all_single(recv_PCJ, send_PCJ, group=self.group)
         # The one host sync of the layer: every chunk's split sizes at once.
         send, recv = torch.stack([send_PCJ, recv_PCJ]).permute(0, 2, 3, 1).tolist()  # [2][C][J][P]
-        splits = [_Splits(send[c], recv[c], self.group) for c in range(self.chunks)]
+        splits = [_Splits(send[c], recv[c], self.group) for c in range(chunks)]
         expert_counts_CJ = recv_PCJ.sum(0)
         chunk_rows = rows.split([sum(map(sum, s.send)) for s in splits])
 
         in_flight = [_transfer_start(chunk_rows[0], splits[0])]
         shared = alongside() if alongside is not None else None
         returning, returned = None, []
-        for c in range(self.chunks):
-            if c + 1 < self.chunks:
+        for c in range(chunks):
+            if c + 1 < chunks:
                 in_flight.append(_transfer_start(chunk_rows[c + 1], splits[c + 1]))
             landed = _Land.apply(*in_flight[c])
             outputs = compute(landed, expert_counts_CJ[c])
@@ -148,13 +164,14 @@ class AllToAllExchange:
                 returned.append(_Land.apply(*returning))
             returning = _transfer_start(outputs, splits[c].reverse())
         returned.append(_Land.apply(*returning))
-        return (returned[0] if self.chunks == 1 else torch.cat(returned)), shared
+        return (returned[0] if chunks == 1 else torch.cat(returned)), shared
 
 
-def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int) -> None:
+def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int, activation_dtype: torch.dtype) -> None:
     """Shard `moe`'s experts over `ep_mesh` (DTensor Shard(0)) and swap in the all-to-all exchange."""
     experts = moe.experts
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)  # same on all ranks
         setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    moe.exchange = AllToAllExchange(ep_mesh, moe.router.num_experts, chunks)
+    row_bytes = experts.w1.shape[1] * activation_dtype.itemsize
+    moe.exchange = AllToAllExchange(ep_mesh, moe.router.num_experts, chunks, row_bytes)
