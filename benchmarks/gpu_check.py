@@ -4,7 +4,8 @@
 2. The grouped-GEMM routing speedup over the loop at E=64 and E=128 (target: >= 5x).
 3. One training step of the small config in bf16 with compiled blocks: MFU against the device's bf16 peak
    (target: >= 40%).
-4. With two or more GPUs: FSDP2 and EP on NCCL against one GPU on the same global batch (fp32, TF32 off).
+4. With two or more GPUs: FSDP2 and EP on NCCL against one GPU on the same global batch (fp32, TF32 off),
+   and the EP exchange's round trip and overlap at 1, 2 and 4 chunks (benchmarks/all_to_all.py).
 
 Writes gpu_check-<date>.json and gpu_check-latest.md in benchmarks/results/. Without a CUDA device it says so
 in one line and exits 0.
@@ -20,6 +21,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from benchmarks import all_to_all
 from benchmarks.common import RESULTS_DIR, datasheet_peak, environment, markdown_table, matmul_flops, write_results
 from benchmarks.routing import Case, check, make_layer, run_case, working_backends
 from benchmarks.train_step import Run, run_config
@@ -119,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     speedups = routing_speedups(device)
     step = train_step_mfu(device)
     equivalence = nccl_equivalence() if torch.cuda.device_count() > 1 else []
+    overlap = [all_to_all.run_case(case, device, repeats=10) for case in all_to_all.QUICK
+               if case.world <= torch.cuda.device_count()]
     lines = [f"## gpu-check: {env['device']} x {torch.cuda.device_count()}, torch {env['torch']}, {env['date']}", "",
              "Kernel parity with the per-expert loop (T=4096, k=2, D=512, H=1024; worst relative error of the "
              "output and five gradients):", "",
@@ -136,10 +140,21 @@ def main(argv: list[str] | None = None) -> int:
                                   "worst relative difference", f"<= {EQUIVALENCE_RTOL:.0e}"], equivalence), ""]
     else:
         lines += ["NCCL equivalence: one GPU only, not run.", ""]
+    if overlap:
+        lines += [markdown_table(["EP exchange, bf16, identity / SwiGLU experts", "pass",
+                                  *[f"exchange/bare c={c}" for c in all_to_all.CHUNKS],
+                                  *[f"hidden c={c}" for c in all_to_all.CHUNKS]],
+                                 [[f"world {r['world']}, {r['tokens']} tokens/rank, D={r['dim']}", p,
+                                   *[f"{r[p][f'ratio c={c}']:.2f}x" for c in all_to_all.CHUNKS],
+                                   *[f"{r[p][f'hidden c={c}']:.0%}" for c in all_to_all.CHUNKS]]
+                                  for r in overlap for p in ("fwd", "fwd+bwd")]), ""]
+    else:
+        lines += ["EP exchange overlap: needs 2 GPUs, not run.", ""]
     report = "\n".join(lines)
     print(report)
     path = write_results("gpu_check", {**env, "gpus": torch.cuda.device_count(), "parity": parity,
-                                       "routing_speedups": speedups, "train_step": step, "equivalence": equivalence})
+                                       "routing_speedups": speedups, "train_step": step, "equivalence": equivalence,
+                                       "overlap": overlap})
     (RESULTS_DIR / "gpu_check-latest.md").write_text(report + "\n")
     print(f"results: {path}")
     failed = any(row[-1] == "DIFFERS" for row in equivalence)
