@@ -6,9 +6,9 @@ the plan, the permute and unpermute, the count exchange and its host sync and th
 reference sends the same rows with the same splits out and back with two bare
 `dist.all_to_all_single` calls into preallocated buffers (four for forward + backward).
 
-Then the same layer with real SwiGLU experts (hidden 2D), unchunked and in chunks, against the experts
-alone on the rows this rank receives: the fraction of communication hidden behind compute is
-(experts + exchange - layer) / exchange, the exchange being the identity round trip unchunked.
+Then the same layer with real SwiGLU experts (hidden 2D), unchunked and in chunks, beside the experts
+alone on the rows this rank receives. The time a rank spends blocked waiting for its all-to-alls is the
+communication compute did not hide; the fraction hidden by chunking is 1 - blocked / blocked unchunked.
 """
 
 from __future__ import annotations
@@ -28,7 +28,7 @@ import torch.multiprocessing as mp
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 
-from benchmarks.common import environment, human, markdown_table, parser, setup, write_results
+from benchmarks.common import BlockedWaits, environment, human, markdown_table, parser, setup, write_results
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.parallel.expert_parallel import AllToAllExchange
@@ -62,21 +62,25 @@ def random_route(case: Case, rank: int, device: torch.device) -> tuple[Tensor, T
 
 
 def rank_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int) -> dict[str, float]:
-    """Median over repeats of the slowest rank's seconds per call; every call starts after a barrier."""
+    """Median over repeats of the slowest rank's seconds per call, and of its seconds blocked on the exchange's
+    all-to-alls ("<name> blocked"); every call starts after a barrier."""
     for fn in fns.values():
         fn()
-    samples = torch.zeros(len(fns), repeats, dtype=torch.float64)
+    samples = torch.zeros(2, len(fns), repeats, dtype=torch.float64)
     for r in range(repeats):
         for i, fn in enumerate(fns.values()):
             dist.barrier()
+            BlockedWaits.seconds = 0.0
             start = time.perf_counter()
             fn()
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            samples[i, r] = time.perf_counter() - start
+            samples[0, i, r] = time.perf_counter() - start
+            samples[1, i, r] = BlockedWaits.seconds
     samples = samples.to(device)
     dist.all_reduce(samples, op=dist.ReduceOp.MAX)
-    return {name: statistics.median(row.tolist()) for name, row in zip(fns, samples.cpu())}
+    times, blocked = (dict(zip(fns, map(statistics.median, s.tolist()))) for s in samples.cpu())
+    return times | {f"{name} blocked": seconds for name, seconds in blocked.items()}
 
 
 def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: int, store: str, out: str) -> None:
@@ -86,6 +90,7 @@ def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: in
     if device_type == "cuda":
         torch.cuda.set_device(device)
     dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=case.world)
+    BlockedWaits.install()
     try:
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
         mesh = init_device_mesh(device_type, (case.world,), mesh_dim_names=("ep",))
@@ -124,7 +129,17 @@ def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: in
             dist.all_to_all_single(received, rows, recv, send)
             dist.all_to_all_single(rows, received, send, recv)
 
-        fns = {"bare": bare_round_trip, "experts": lambda: swiglu(local_rows, local_counts)}
+        # Where an unchunked round trip's time goes: the plan, the permute, the exchange alone, the unpermute.
+        plan = plan_routing(*exchanges[1].group_of(expert_ids))
+        grouped = permute(tokens, plan).detach().requires_grad_()
+        returned = exchanges[1](grouped, plan.counts, identity_experts, None)[0].detach().requires_grad_()
+        grad_grouped = torch.randn_like(grouped)
+        parts = {"plan": lambda: plan_routing(*exchanges[1].group_of(expert_ids)),
+                 "permute": lambda: permute(tokens, plan),
+                 "exchange only": lambda: exchanges[1](grouped, plan.counts, identity_experts, None),
+                 "unpermute": lambda: unpermute(returned, plan, weights)}
+
+        fns = {"bare": bare_round_trip, "experts": lambda: swiglu(local_rows, local_counts), **parts}
         fns |= {f"exchange c={c}": (lambda c=c: layer(c, identity_experts)) for c in CHUNKS}
         fns |= {f"layer c={c}": (lambda c=c: layer(c, swiglu)) for c in CHUNKS}
         with torch.no_grad():
@@ -132,7 +147,12 @@ def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: in
         grad_local = torch.randn_like(local_rows)
         both_fns = {"bare": lambda: (bare_round_trip(), bare_round_trip()),
                     "experts": lambda: torch.autograd.grad(swiglu(local_rows, local_counts),
-                                                           (local_rows, w1, w3, w2), grad_local)}
+                                                           (local_rows, w1, w3, w2), grad_local),
+                    "plan": parts["plan"],
+                    "permute": lambda: torch.autograd.grad(permute(tokens, plan), tokens, grad_grouped),
+                    "exchange only": lambda: torch.autograd.grad(
+                        exchanges[1](grouped, plan.counts, identity_experts, None)[0], grouped, grad_grouped),
+                    "unpermute": lambda: torch.autograd.grad(unpermute(returned, plan, weights), returned, grad)}
         both_fns |= {f"exchange c={c}": (lambda c=c: torch.autograd.grad(layer(c, identity_experts), tokens, grad))
                      for c in CHUNKS}
         both_fns |= {f"layer c={c}": (lambda c=c: torch.autograd.grad(layer(c, swiglu), (tokens, w1, w3, w2), grad))
@@ -160,9 +180,10 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
     result = {**asdict(case), "threads_per_rank": threads, "bytes_per_rank": timed["bytes_per_rank"]}
     for pass_name in ("fwd", "fwd+bwd"):
         t = timed[pass_name]
-        comm = t["exchange c=1"]
         result[pass_name] = {**t, **{f"ratio c={c}": t[f"exchange c={c}"] / t["bare"] for c in CHUNKS},
-                             **{f"hidden c={c}": (t["experts"] + comm - t[f"layer c={c}"]) / comm for c in CHUNKS}}
+                             "exchange only ratio": t["exchange only"] / t["bare"],
+                             **{f"hidden c={c}": 1 - t[f"layer c={c} blocked"] / t["layer c=1 blocked"]
+                                for c in CHUNKS}}
     return result
 
 
@@ -189,17 +210,29 @@ def main(argv: list[str] | None = None) -> int:
              f"{r['bytes_per_rank'] / 2**20:.1f}", pass_name, f"{r[pass_name]['bare'] * 1e3:.2f}",
              *[f"{r[pass_name][f'ratio c={c}']:.2f}x" for c in CHUNKS], f"{r[pass_name]['experts'] * 1e3:.2f}",
              *[f"{r[pass_name][f'layer c={c}'] * 1e3:.2f}" for c in CHUNKS],
+             *[f"{r[pass_name][f'layer c={c} blocked'] * 1e3:.2f}" for c in CHUNKS],
              *[f"{r[pass_name][f'hidden c={c}']:.0%}" for c in CHUNKS],
              human(r["tokens"] * r["world"] / r[pass_name]["layer c=1"])]
             for r in results for pass_name in ("fwd", "fwd+bwd")]
     print(markdown_table(["ranks", "tokens/rank", "E", "k", "D", "threads/rank", "MiB sent/rank", "pass", "bare ms",
                           *[f"exchange/bare c={c}" for c in CHUNKS], "experts ms",
-                          *[f"layer ms c={c}" for c in CHUNKS], *[f"hidden c={c}" for c in CHUNKS],
+                          *[f"layer ms c={c}" for c in CHUNKS], *[f"blocked ms c={c}" for c in CHUNKS],
+                          *[f"hidden c={c}" for c in CHUNKS],
                           "tokens/s c=1 (all ranks)"], rows))
     print("\nexchange: plan, permute, all-to-alls, unpermute with identity experts, over the bare all_to_all_single "
           "round trip of the same rows (fwd: 2 calls, fwd+bwd: 4). layer: the same with SwiGLU experts (hidden 2D); "
-          "experts: those experts alone on the rows this rank receives. hidden: (experts + exchange c=1 - layer) / "
-          "exchange c=1. c: parallel.ep_chunks. Times: median over repeats of the slowest rank.")
+          "experts: those experts alone on the rows this rank receives. blocked: time the layer spent waiting for its "
+          "all-to-alls (communication compute did not hide); hidden: 1 - blocked / blocked at c=1. "
+          "c: parallel.ep_chunks. Times: median over repeats of the slowest rank.")
+    parts = ("plan", "permute", "exchange only", "unpermute")
+    print("\nWhere the unchunked round trip's time goes (ms; exchange only: the all-to-alls, the count exchange and "
+          "its host sync, and the buffers they land in):\n")
+    print(markdown_table(["ranks", "pass", "bare", *parts, "sum", "exchange c=1", "exchange only / bare"],
+                         [[r["world"], pass_name, f"{r[pass_name]['bare'] * 1e3:.2f}",
+                           *[f"{r[pass_name][part] * 1e3:.2f}" for part in parts],
+                           f"{sum(r[pass_name][part] for part in parts) * 1e3:.2f}",
+                           f"{r[pass_name]['exchange c=1'] * 1e3:.2f}", f"{r[pass_name]['exchange only ratio']:.2f}x"]
+                          for r in results for pass_name in ("fwd", "fwd+bwd")]))
     for reason in skipped:
         print(f"- skipped {reason}")
     path = write_results("all_to_all", {"benchmark": "all_to_all", **env, "backend": backend, "chunks": list(CHUNKS),

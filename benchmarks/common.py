@@ -17,6 +17,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+import moe_dist.parallel.expert_parallel as expert_parallel
+
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
 # Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity), TFLOP/s; matched on the device name.
@@ -192,3 +194,28 @@ def write_results(name: str, payload: dict) -> Path:
     path.write_text(text)
     (RESULTS_DIR / f"{name}-latest.json").write_text(text)
     return path
+
+
+class BlockedWaits:
+    """Seconds this process spends blocked on the EP exchange's all-to-alls, once `install`ed: communication
+    that compute did not hide. (On CUDA `wait` only orders streams, so it does not measure it there.)"""
+
+    seconds = 0.0
+
+    def __init__(self, work: dist.Work):
+        self.work = work
+
+    def wait(self) -> None:
+        start = time.perf_counter()
+        self.work.wait()
+        BlockedWaits.seconds += time.perf_counter() - start
+
+    @staticmethod
+    def install() -> None:
+        start = expert_parallel._start
+
+        def timed_start(rows: torch.Tensor, splits) -> tuple[torch.Tensor, list]:
+            landed, works = start(rows, splits)
+            return landed, [BlockedWaits(w) for w in works]
+
+        expert_parallel._start = timed_start

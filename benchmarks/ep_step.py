@@ -1,6 +1,6 @@
 """Wall time of one training step with expert parallelism against without, same global batch, one run.
 
-    python benchmarks/ep_step.py [--world 4] [--config tiny] [--steps 10]
+    python -m benchmarks.ep_step [--world 4] [--config tiny] [--steps 10]
 
 Spawns `world` gloo ranks on CPU (NCCL on GPUs); each builds the model at ep = 1, then at ep = world
 with each `parallel.ep_chunks` in turn, and times the same steps on the same tokens. Exposed
@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-import moe_dist.parallel.expert_parallel as expert_parallel
+from benchmarks.common import BlockedWaits
 
 from moe_dist.config import load_config
 from moe_dist.optim import build_optimizer, build_scheduler
@@ -31,31 +31,6 @@ from moe_dist.train import build_model, train_step
 
 RESULTS = Path(__file__).resolve().parent / "results"
 CHUNKS = (1, 2, 4)
-
-
-class TimedWork:
-    """A work handle that adds the time its caller spends blocked in `wait` to `blocked[0]`."""
-
-    blocked = [0.0]
-
-    def __init__(self, work: dist.Work):
-        self.work = work
-
-    def wait(self) -> None:
-        start = time.perf_counter()
-        self.work.wait()
-        TimedWork.blocked[0] += time.perf_counter() - start
-
-
-def time_blocked_waits() -> None:
-    """Wrap the exchange's all-to-all handles in TimedWork (this process only)."""
-    start = expert_parallel._start
-
-    def timed_start(rows: torch.Tensor, splits) -> tuple[torch.Tensor, list]:
-        landed, works = start(rows, splits)
-        return landed, [TimedWork(w) for w in works]
-
-    expert_parallel._start = timed_start
 
 
 def time_steps(rank: int, world: int, config: str, ep: int, chunks: int, steps: int,
@@ -71,7 +46,7 @@ def time_steps(rank: int, world: int, config: str, ep: int, chunks: int, steps: 
         windows = torch.randint(0, cfg.model.vocab_size, (cfg.data.micro_batch, cfg.data.seq_len + 1), generator=gen)
         batch = (windows[:, :-1].to(device), windows[:, 1:].to(device))
         dist.barrier()
-        TimedWork.blocked[0] = 0.0
+        BlockedWaits.seconds = 0.0
         start = time.perf_counter()
         train_step(model, optimizer, scheduler, [batch], cfg.optim.grad_clip)
         if device.type == "cuda":
@@ -79,7 +54,7 @@ def time_steps(rank: int, world: int, config: str, ep: int, chunks: int, steps: 
         dist.barrier()
         if i >= 2:
             times.append(time.perf_counter() - start)
-            blocked.append(TimedWork.blocked[0])
+            blocked.append(BlockedWaits.seconds)
     return times, blocked
 
 
@@ -91,7 +66,7 @@ def worker(rank: int, world: int, store_dir: str, config: str, steps: int) -> No
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store_dir}/store",
                             rank=rank, world_size=world)
-    time_blocked_waits()
+    BlockedWaits.install()
     layouts = [(1, 1)] + [(world, c) for c in CHUNKS]
     medians = {}
     for ep, chunks in layouts:
