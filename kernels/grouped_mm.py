@@ -5,12 +5,16 @@ Rows arrive grouped by expert (`counts[e]` consecutive rows for expert e). Backe
   `grouped_swiglu` fuses the activation into its own backward and, on CPU, runs in chunks of rows.
 - padded: scatter the groups into an [E, max_count, D] buffer and use one `bmm` per projection.
 - loop: one matmul per expert; the reference and a fallback, never chosen by "auto".
+"auto" follows a rule by group size, and on CPU, where the data says the rule is unsure, times both
+backends once per shape bucket and process (`select_backend`).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
+import statistics
+import time
 from dataclasses import dataclass
 
 import torch
@@ -51,14 +55,88 @@ def _aligned(*tensors: Tensor) -> bool:
 # spite of the padding (benchmarks/RESULTS.md). Bigger groups, or skewed ones, pay for the padding.
 CPU_PADDED_MAX_ROWS = 64
 
+# Where the rule above is unsure on CPU: in benchmarks/RESULTS.md and its JSON runs its pick lost to the
+# other backend by 6-60%, in both directions, whenever the largest group had between about 20 and 300 rows
+# (fwd and fwd+bwd often disagreeing, the crossover moving between runs and machines); it won or tied
+# every row with more. There `auto` measures instead of guessing.
+CPU_MEASURED_ROWS = (16, 512)  # (exclusive, inclusive) bounds on the largest group
+# Below this many forward FLOPs a call takes a few ms and the backends are within noise of each other, so
+# measuring cannot win back its cost. It also keeps the small shapes of tests and smoke runs (the tiny
+# config: 1.5e8) on the rule, whose choice is the same in every process.
+MEASURE_MIN_FLOPS = 2**28
+
+MEASURED_BACKENDS: dict[tuple, str] = {}  # shape bucket -> backend, for the process (and its checkpoints)
+
 
 def select_backend(x: Tensor, *weights: Tensor, counts: Tensor | None = None) -> str:
-    """The fastest backend that works for these operands (see benchmarks/RESULTS.md); never "loop"."""
+    """The fastest backend that works for `grouped_mm(x, w)` or `grouped_swiglu(x, w1, w3, w2)`; never "loop"."""
     if not (_aligned(x, *weights) and _grouped_mm_runs(x.device.type, x.dtype)):
         return "padded"
-    if counts is not None and x.device.type == "cpu" and int(counts.max()) <= CPU_PADDED_MAX_ROWS:
-        return "padded"  # reading counts is a host sync, free on CPU only
-    return "grouped_mm"
+    if counts is None or x.device.type != "cpu":
+        # On CUDA the rule stands: no timings in RESULTS.md say it is wrong there, and padded syncs with the host
+        # on every call, a cost that a synchronized one-off timing would not charge it for.
+        return "grouped_mm"
+    max_rows = int(counts.max())  # reading counts is a host sync, free on CPU only
+    rule = "padded" if max_rows <= CPU_PADDED_MAX_ROWS else "grouped_mm"
+    low, high = CPU_MEASURED_ROWS
+    flops = 2 * x.shape[0] * sum(w[0].numel() for w in weights)
+    if not (low < max_rows <= high and flops >= MEASURE_MIN_FLOPS):
+        return rule
+    # The best backend differs between forward and forward+backward.
+    backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
+    key = (x.device.type, x.dtype, *(tuple(w.shape) for w in weights), _pow2(x.shape[0]), _pow2(max_rows), backward)
+    if key not in MEASURED_BACKENDS:
+        MEASURED_BACKENDS[key] = _clear_winner(rule, _time_backends(x, weights, counts, backward))
+    return MEASURED_BACKENDS[key]
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+# How much faster the other backend must be, by the median of the rounds, to override the rule.
+CLEAR_WIN = 1.05
+
+
+def _clear_winner(rule: str, times: dict[str, list[float]]) -> str:
+    """The rule's pick unless the other backend's median time beats it by CLEAR_WIN."""
+    # Overriding only on a clear win keeps near-ties on the rule, so that noise flips fewer choices between
+    # processes (a resumed run measures afresh, and another backend changes its numbers in the last bits).
+    # The median, as one round in three can be 20% slow on a quiet 2-core VM.
+    other = "grouped_mm" if rule == "padded" else "padded"
+    return other if statistics.median(times[other]) * CLEAR_WIN < statistics.median(times[rule]) else rule
+
+
+def _time_backends(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor, backward: bool, warmup: int = 2,
+                   rounds: int = 3) -> dict[str, list[float]]:
+    """Seconds per call of each backend on these operands, in `rounds` interleaved rounds after `warmup` ones."""
+    op = grouped_swiglu if len(weights) == 3 else grouped_mm
+
+    def call(backend: str) -> None:
+        if not backward:
+            with torch.no_grad():
+                op(x, *weights, counts, backend)
+            return
+        # Detached copies: the caller's graph and grads stay as they were. Ones, not random numbers: the
+        # caller's RNG must not move.
+        with torch.inference_mode(False), torch.enable_grad():
+            inputs = [t.detach().requires_grad_(t.requires_grad) for t in (x, *weights)]
+            out = op(*inputs, counts, backend)
+            out.backward(torch.ones_like(out))
+
+    times: dict[str, list[float]] = {"grouped_mm": [], "padded": []}
+    # The first call may come from an activation-checkpointed block: as for the probe above, identity hooks keep
+    # what the timing saves out of that block's saved tensors.
+    with saved_tensors_hooks(lambda t: t, lambda t: t):
+        for _ in range(warmup):  # first calls pay for allocations and page faults; on CPU one round was not enough
+            for backend in times:
+                call(backend)
+        for r in range(rounds):
+            for backend in list(times)[::1 if r % 2 else -1]:  # alternate the order: drift falls on both alike
+                start = time.perf_counter()
+                call(backend)
+                times[backend].append(time.perf_counter() - start)
+    return times
 
 
 class _GroupedMM(torch.autograd.Function):
@@ -217,7 +295,7 @@ def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> T
 def grouped_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
     """SwiGLU experts on grouped rows: `(silu(x w1[e]) * (x w3[e])) w2[e]` for each group e."""
     if backend == "auto":
-        backend = select_backend(x, w1, w2, counts=counts)
+        backend = select_backend(x, w1, w3, w2, counts=counts)
     if backend == "padded":  # pad once for all three projections
         groups = PaddedGroups(counts, x.shape[0])
         padded = groups.pad(x)

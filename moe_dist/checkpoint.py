@@ -29,6 +29,7 @@ from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
+import kernels.grouped_mm
 from moe_dist.config import CheckpointConfig
 from moe_dist.files import file_crc32, swap_in, write_atomically
 
@@ -167,19 +168,23 @@ def latest_checkpoint(checkpoint_root: Path) -> Path | None:
     return checkpoint_root / latest.read_text().strip()
 
 
-def _rng_state() -> dict:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+def _process_state() -> dict:
+    """What this process needs, beyond the weights, to continue bit for bit: its RNGs, and the grouped-GEMM
+    backends `auto` measured (a fresh process could measure a near-tie the other way)."""
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+             "grouped_mm_backends": dict(kernels.grouped_mm.MEASURED_BACKENDS)}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
 
 
-def _set_rng_state(state: dict) -> None:
+def _set_process_state(state: dict) -> None:
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+    kernels.grouped_mm.MEASURED_BACKENDS.update(state.get("grouped_mm_backends", {}))
 
 
 def _distributed() -> bool:
@@ -213,7 +218,7 @@ class Checkpointer:
                 shutil.rmtree(tmp)
             tmp.mkdir(parents=True)
         dist.barrier()
-        torch.save(_rng_state(), tmp / f"rng-rank{self.rank}.pt")
+        torch.save(_process_state(), tmp / f"rng-rank{self.rank}.pt")
         state = self._state(model, optimizer, scheduler, train_state)
         writer = _Crc32Writer(tmp)
         if self.cfg.async_save:
@@ -309,6 +314,6 @@ class Checkpointer:
         scheduler.load_state_dict(state["scheduler"])
         rng = path / f"rng-rank{self.rank}.pt"
         if read_complete(path)["world_size"] == self.world_size and rng.is_file():  # resharded runs keep fresh seeds
-            _set_rng_state(torch.load(rng, weights_only=False))
+            _set_process_state(torch.load(rng, weights_only=False))
         self.resumed_from = path
         return state["train"]

@@ -5,9 +5,12 @@ import torch
 import torch.utils.checkpoint
 
 import kernels.grouped_mm
-from kernels.grouped_mm import BACKENDS, CPU_PADDED_MAX_ROWS, grouped_mm, grouped_swiglu, select_backend
+from kernels.grouped_mm import (BACKENDS, CPU_MEASURED_ROWS, CPU_PADDED_MAX_ROWS, grouped_mm, grouped_swiglu,
+                                select_backend)
 from kernels.reference import moe_loop
 from kernels.routing import capacity_keep, permute, plan_routing, unpermute
+from moe_dist import checkpoint
+from moe_dist.config import load_config
 from moe_dist.model.moe import GroupedExperts
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
@@ -171,6 +174,116 @@ def test_auto_backend_pads_small_groups_on_cpu():
         pytest.skip("torch._grouped_mm does not run here")
     assert select_backend(x, w, counts=torch.tensor([CPU_PADDED_MAX_ROWS, 3])) == "padded"
     assert select_backend(x, w, counts=torch.tensor([CPU_PADDED_MAX_ROWS + 1, 3])) == "grouped_mm"
+
+
+@pytest.fixture
+def measured(monkeypatch):
+    """`auto` measures even these small shapes, from an empty cache; returns the list of timings it makes."""
+    if select_backend(torch.randn(4, 8), torch.randn(2, 8, 8)) != "grouped_mm":
+        pytest.skip("torch._grouped_mm does not run here")
+    monkeypatch.setattr(kernels.grouped_mm, "MEASURE_MIN_FLOPS", 0)
+    monkeypatch.setattr(kernels.grouped_mm, "MEASURED_BACKENDS", {})
+    timings, time_backends = [], kernels.grouped_mm._time_backends
+
+    def counted(*args):
+        timings.append(args)
+        return time_backends(*args)
+
+    monkeypatch.setattr(kernels.grouped_mm, "_time_backends", counted)
+    return timings
+
+
+def measured_inputs():
+    """SwiGLU experts and a routing whose largest group is in the band where `auto` measures."""
+    (x, weights, w1, w3, w2), expert_ids = make_inputs(100, 4, 2, 16, 24, torch.float32)
+    low, high = CPU_MEASURED_ROWS
+    assert low < plan_routing(expert_ids, 4).counts.max() <= high
+    return (x, weights, w1, w3, w2), expert_ids
+
+
+def test_measured_choice_is_cached_per_pass(measured):
+    x, w, counts = torch.randn(64, 16), torch.randn(2, 16, 16), torch.tensor([40, 24])
+    first = select_backend(x, w, counts=counts)
+    assert first in ("grouped_mm", "padded") and len(measured) == 1
+    assert select_backend(x, w, counts=counts) == first and len(measured) == 1
+    x.requires_grad_()  # forward+backward: a bucket of its own, timed once
+    assert select_backend(x, w, counts=counts) in ("grouped_mm", "padded") and len(measured) == 2
+    select_backend(x, w, counts=counts)
+    assert len(measured) == 2
+
+
+@pytest.mark.parametrize("grouped_mm_s,padded_s,expected", [
+    ([1, 1, 3], [2, 2, 2], "grouped_mm"),  # clearly faster by the median: overrides the rule's padded
+    ([1.95, 1.95, 1], [2, 2, 2], "padded"),  # faster, but not by 5%: the rule stands
+    ([3, 3, 1], [2, 2, 2], "padded"),  # slower but for one round
+])
+def test_measured_choice_overrides_the_rule_on_a_clear_win(measured, monkeypatch, grouped_mm_s, padded_s, expected):
+    monkeypatch.setattr(kernels.grouped_mm, "_time_backends",
+                        lambda *args: {"grouped_mm": grouped_mm_s, "padded": padded_s})
+    counts = torch.tensor([40, 24])
+    assert max(counts) <= CPU_PADDED_MAX_ROWS  # the rule says padded
+    assert select_backend(torch.randn(64, 16), torch.randn(2, 16, 16), counts=counts) == expected
+
+
+def test_auto_matches_loop_where_measured(measured):
+    check_against_loop(100, 4, 2, torch.float32, "auto")
+    assert len(measured) == 1
+
+
+@pytest.mark.parametrize("mode", [torch.no_grad, torch.inference_mode])
+def test_measured_choice_under_no_grad_leaves_the_rng(measured, mode):
+    (x, weights, w1, w3, w2), expert_ids = measured_inputs()
+    rng = torch.get_rng_state()
+    with mode():
+        out = batched_moe(x, expert_ids, weights, w1, w3, w2)
+    assert len(measured) == 1 and torch.equal(torch.get_rng_state(), rng)
+    assert_close(out, moe_loop(x, expert_ids, weights, w1, w3, w2).detach(), torch.float32)
+
+
+def test_measured_choice_inside_a_checkpointed_block(measured):
+    """The timing runs backward in the block's forward: it must not add to what the block saves (its recomputation,
+    choice cached, would save less), nor move the RNG, nor touch the caller's gradients."""
+    (x, weights, w1, w3, w2), expert_ids = measured_inputs()
+    plan = plan_routing(expert_ids, 4)
+
+    def block(x):
+        return grouped_swiglu(permute(x, plan), w1, w3, w2, plan.counts)
+
+    rng = torch.get_rng_state()
+    out = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+    grads = torch.autograd.grad(out.sum(), (x, w1, w3, w2))
+    assert len(measured) == 1 and torch.equal(torch.get_rng_state(), rng)
+    assert all(t.grad is None for t in (x, w1, w3, w2))
+    for g, r in zip(grads, torch.autograd.grad(block(x).sum(), (x, w1, w3, w2))):
+        assert_close(g, r, torch.float32)
+
+
+def test_measured_choices_travel_with_a_checkpoint(measured):
+    """A resumed process takes the backends the saved one measured rather than timing a near-tie afresh,
+    which could pick the other backend and change the numbers in their last bits: resume stays bit-exact."""
+    x, w, counts = torch.randn(64, 16), torch.randn(2, 16, 16), torch.tensor([40, 24])
+    first = select_backend(x, w, counts=counts)
+    state = checkpoint._process_state()
+    kernels.grouped_mm.MEASURED_BACKENDS.clear()  # a fresh process
+    checkpoint._set_process_state(state)
+    assert select_backend(x, w, counts=counts) == first and len(measured) == 1
+
+
+def test_tiny_config_keeps_the_rule(monkeypatch):
+    """A resumed run is a new process that would measure afresh: the tiny config, which test_resume_is_bit_exact
+    trains, must not be measured, whatever its routing."""
+    monkeypatch.setattr(kernels.grouped_mm, "_time_backends", lambda *args: pytest.fail("measured"))
+    cfg = load_config("tiny")
+    e, d, h = cfg.moe.num_experts, cfg.model.dim, cfg.moe.expert_hidden
+    rows = cfg.data.micro_batch * cfg.data.seq_len * cfg.moe.top_k
+    x = torch.randn(rows, d, requires_grad=True)
+    w1, w3, w2 = torch.randn(e, d, h), torch.randn(e, d, h), torch.randn(e, h, d)
+    for max_rows in (rows // e, 300, CPU_MEASURED_ROWS[1]):  # from balanced to the top of the band
+        counts = torch.full((e,), (rows - max_rows) // (e - 1))
+        counts[0] = max_rows
+        counts[1] += rows - counts.sum()
+        assert counts.max() == max_rows
+        assert select_backend(x, w1, w3, w2, counts=counts) == "grouped_mm"  # the rule: groups over 64 rows
 
 
 @pytest.mark.parametrize("chunk_rows", [1, 5, 16, 1000])
