@@ -146,7 +146,7 @@ class AllToAllExchange:
         send_PCJ = counts.view(chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
         recv_PCJ = torch.empty_like(send_PCJ)
         dist.all_to_all_single(recv_PCJ, send_PCJ, group=self.group)
-        # The one host sync of the layer: every chunk's split sizes at once.
+        # The exchange's one host sync: every chunk's split sizes at once.
         send, recv = torch.stack([send_PCJ, recv_PCJ]).permute(0, 2, 3, 1).tolist()  # [2][C][J][P]
         splits = [_Splits(send[c], recv[c], self.group) for c in range(chunks)]
         expert_counts_CJ = recv_PCJ.sum(0)
