@@ -107,8 +107,9 @@ def _transfer_start(rows: Tensor, splits: _Splits) -> tuple[Tensor, _InFlight]:
 
 
 # parallel.ep_chunks = 0 (auto): one chunk per this many bytes of rows a rank sends, at most MAX_AUTO_CHUNKS.
-# On the 2-core CPU (benchmarks/RESULTS.md) 2 and 4 chunks beat 1 at 8 MiB a rank and lost to it at 0.5 MiB
-# (the tiny config), where each extra all-to-all's latency outweighs what it hides.
+# Measured on the 2-core CPU (benchmarks/RESULTS.md): at 8 MiB a rank 4 chunks beat 2 and 2 beat 1, at 4 MiB
+# 2 chunks were best, at 2 MiB 1 and 2 tied, and below that (the tiny config: 0.5 MiB) one chunk won, where
+# each extra all-to-all's latency outweighs what it hides.
 AUTO_CHUNK_BYTES = 2 * 2**20
 MAX_AUTO_CHUNKS = 4
 
