@@ -74,7 +74,9 @@ def equivalence_run(rank: int, world: int, ep: int, store: str, out: str) -> Non
     torch.backends.cudnn.allow_tf32 = False
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
     try:
-        cfg = load_config("tiny", {"parallel.ep": str(ep), "parallel.param_dtype": "float32", "moe.top_k": "2"})
+        # Two chunks: auto would run these small layers unchunked, and the overlap is what NCCL must get right.
+        cfg = load_config("tiny", {"parallel.ep": str(ep), "parallel.ep_chunks": "2", "parallel.param_dtype": "float32",
+                                   "moe.top_k": "2"})
         device = torch.device("cuda", rank)
         model = build_model(cfg, build_mesh(cfg, world, "cuda"), Runtime(rank, world, rank, device))
         optimizer = build_optimizer(model, cfg.optim, device)
