@@ -80,7 +80,7 @@ class ParallelConfig:
     ep: int = num(1, "[0, inf)")  # expert-parallel degree; 0 = auto: gcd(world size, num_experts)
     dp_shard: int = num(-1, "[-1, inf)")  # -1 = world // ep
     # Each MoE layer's tokens in this many chunks, whose all-to-alls overlap the experts' compute; 0 = auto:
-    # one per 2 MiB of rows a rank sends, at most 4 (parallel/expert_parallel.py).
+    # on CPU one per 2 MiB of rows a rank sends, at most 4; on GPUs 1 until measured (parallel/expert_parallel.py).
     ep_chunks: int = num(0, "[0, inf)")
     activation_checkpoint: bool = False
     compile: bool = False

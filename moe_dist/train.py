@@ -141,7 +141,7 @@ def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime, read: BlockRead
     path on CPU and GPU."""
     with torch.device("meta"):
         model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
-    parallelize(model, cfg.parallel, mesh, runtime.device)
+    parallelize(model, cfg.parallel, mesh, runtime.device, tokens_per_rank=cfg.data.micro_batch * cfg.data.seq_len)
     materialize(model, runtime.device, read)
     return model
 

@@ -14,7 +14,7 @@ from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.config import ConfigError, ParallelConfig
 from moe_dist.model import Transformer, moe_layers
-from moe_dist.parallel.expert_parallel import AllToAllExchange
+from moe_dist.parallel.expert_parallel import AllToAllExchange, auto_chunks
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh, resolve_mesh
 from moe_dist.train import build_model, loss_fn, sum_over_ranks
@@ -176,27 +176,38 @@ def pipeline_worker(rank, world_size):
     finally:
         dist.all_to_all_single = all_to_all_single
 
-    # More chunks than tokens (most chunks empty, their all-to-alls of zero rows) against one chunk, with
-    # SwiGLU experts: 2 of the 4 experts on each rank.
+    # Ranks routing different numbers of tokens (10 and 64), in more chunks than tokens (most chunks empty,
+    # their all-to-alls of zero rows), against one chunk, with SwiGLU experts: 2 of the 4 experts on each rank.
+    num_tokens = 64 if rank else 10
     w1, w3, w2 = (torch.randn(2, *shape, generator=gen, requires_grad=True) for shape in ((8, 16), (8, 16), (16, 8)))
-    grad_out = torch.randn(64, 8, generator=gen)
+    grad_out = torch.randn(num_tokens, 8, generator=gen)
     results = {}
     for chunks in (1, 70):
-        out, _ = exchange_layer(AllToAllExchange(mesh, 4, chunks), tokens, expert_ids, weights,
-                                lambda rows, counts: grouped_swiglu(rows, w1, w3, w2, counts))
+        out, _ = exchange_layer(AllToAllExchange(mesh, 4, chunks), tokens[:num_tokens], expert_ids[:num_tokens],
+                                weights[:num_tokens], lambda rows, counts: grouped_swiglu(rows, w1, w3, w2, counts))
         results[chunks] = (out.detach(), *torch.autograd.grad(out, (tokens, w1, w3, w2), grad_out))
     return forward, backward, results
 
 
 def test_exchange_overlaps_chunks_and_mirrors_them_in_backward():
     """Forward: chunk 1 is sent before chunk 0's experts run and chunk 0 comes back while chunk 1's run; the
-    shared expert runs while chunk 0 is in flight. Backward runs the same pipeline in reverse. And empty
-    chunks (70 chunks of 64 tokens) give what one chunk gives."""
+    shared expert runs while chunk 0 is in flight. Backward runs the same pipeline in reverse. And ranks with
+    10 and 64 tokens in 70 chunks (most of them empty) get what one chunk gives."""
     for forward, backward, results in run_on_ranks(pipeline_worker, 2):
         assert forward == "SASWC0SWC1WSW", forward
         assert backward == "SWSB1SWB0SWaW", backward
         for got, want in zip(results[70], results[1]):
             assert relative_error(got, want) <= 1e-6
+
+
+def test_auto_chunks_by_bytes_on_cpu_and_one_on_gpus():
+    """parallel.ep_chunks = 0: the measured CPU rule (one chunk per 2 MiB a rank sends, at most 4); GPUs
+    unchunked until measured. The tiny config (512 tokens x k=2 x D=128 x 4 B = 0.5 MiB) runs one chunk."""
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    mib = 2**20
+    assert [auto_chunks(cpu, n * mib) for n in (0, 1, 2, 4, 8, 64)] == [1, 1, 1, 2, 4, 4]
+    assert auto_chunks(cpu, 512 * 2 * 128 * 4) == 1
+    assert auto_chunks(cuda, 64 * mib) == 1
 
 
 def trajectory_worker(rank, world_size, cfg, batches):

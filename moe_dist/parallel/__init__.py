@@ -12,7 +12,7 @@ from torch.distributed.tensor import DTensor
 
 from moe_dist.config import ParallelConfig
 from moe_dist.model import Transformer, moe_layers
-from moe_dist.parallel.expert_parallel import apply_expert_parallel
+from moe_dist.parallel.expert_parallel import apply_expert_parallel, auto_chunks
 from moe_dist.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision
 
 
@@ -21,8 +21,10 @@ def local_part(tensor: torch.Tensor) -> torch.Tensor:
     return tensor.to_local() if isinstance(tensor, DTensor) else tensor
 
 
-def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device) -> Transformer:
-    """Make `model` train on every rank of `mesh` with the numbers one process would get."""
+def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, device: torch.device,
+                tokens_per_rank: int = 0) -> Transformer:
+    """Make `model` train on every rank of `mesh` with the numbers one process would get. `tokens_per_rank`
+    (a micro-batch's) sizes the expert-parallel chunks when `cfg.ep_chunks` is 0 (auto)."""
     # Every rank of ("dp_shard", "ep") reads different tokens: the batch is split over the flattened mesh.
     batch_mesh = mesh._flatten("batch") if mesh.size() > 1 else mesh
     if mesh.size() > 1:
@@ -35,7 +37,9 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
     ep_mesh = mesh["ep"]
     if ep_mesh.size() > 1:
         for moe in moe_layers(model):
-            apply_expert_parallel(moe, ep_mesh, cfg.ep_chunks, mp_policy.param_dtype)
+            row_bytes = moe.experts.w1.shape[1] * mp_policy.param_dtype.itemsize
+            chunks = cfg.ep_chunks or auto_chunks(device, tokens_per_rank * moe.router.top_k * row_bytes)
+            apply_expert_parallel(moe, ep_mesh, chunks)
     if cfg.activation_checkpoint:
         apply_activation_checkpointing(model)
     if cfg.compile:  # per block, in place (parameter names unchanged); the grouped GEMMs stay eager

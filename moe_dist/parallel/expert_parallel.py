@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.distributed.device_mesh import DeviceMesh
+from torch.autograd.function import once_differentiable
 from torch.distributed.tensor import Shard, distribute_tensor
 
 from moe_dist.model.moe import MoE
@@ -70,6 +71,7 @@ class _Send(torch.autograd.Function):
         return landed
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_landed: Tensor):
         flight = ctx.flight
         for work in flight.works:
@@ -93,6 +95,7 @@ class _Land(torch.autograd.Function):
         return landed
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad: Tensor):
         flight = ctx.flight
         flight.grad, flight.works = _start(grad, flight.splits.reverse())
@@ -106,44 +109,48 @@ def _transfer_start(rows: Tensor, splits: _Splits) -> tuple[Tensor, _InFlight]:
     return _Send.apply(rows, flight), flight
 
 
-# parallel.ep_chunks = 0 (auto): one chunk per this many bytes of rows a rank sends, at most MAX_AUTO_CHUNKS.
-# Measured on the 2-core CPU (benchmarks/RESULTS.md): at 8 MiB a rank 4 chunks beat 2 and 2 beat 1, at 4 MiB
-# 2 chunks were best, at 2 MiB 1 and 2 tied, and below that (the tiny config: 0.5 MiB) one chunk won, where
-# each extra all-to-all's latency outweighs what it hides.
+# parallel.ep_chunks = 0 (auto), on CPU: one chunk per this many bytes of rows a rank sends, at most
+# MAX_AUTO_CHUNKS. Measured on the 2-core CPU (benchmarks/RESULTS.md): at 8 MiB a rank 4 chunks beat 2 and 2
+# beat 1, at 4 MiB 2 chunks were best, at 2 MiB 1 and 2 tied, and below that (the tiny config: 0.5 MiB) one
+# chunk won, where each extra all-to-all's latency outweighs what it hides.
 AUTO_CHUNK_BYTES = 2 * 2**20
 MAX_AUTO_CHUNKS = 4
 
 
-class AllToAllExchange:
-    """Send each chunk's grouped rows to the ranks owning their experts, compute there, send the results back."""
+def auto_chunks(device: torch.device, bytes_per_rank: int) -> int:
+    """parallel.ep_chunks = 0: chunks for a layer whose ranks each send `bytes_per_rank` of rows."""
+    if device.type != "cpu":
+        # Not measured on GPUs yet (`make gpu-check` runs the overlap benchmark): unchunked until it says otherwise.
+        return 1
+    return max(1, min(MAX_AUTO_CHUNKS, bytes_per_rank // AUTO_CHUNK_BYTES))
 
-    def __init__(self, ep_mesh: DeviceMesh, num_experts: int, chunks: int, row_bytes: int = 0):
+
+class AllToAllExchange:
+    """Send each chunk's grouped rows to the ranks owning their experts, compute there, send the results back.
+
+    The number of chunks is fixed when the exchange is built, from the config alone: every rank must cut as
+    many, whatever number of tokens it routes.
+    """
+
+    def __init__(self, ep_mesh: DeviceMesh, num_experts: int, chunks: int):
         self.group = ep_mesh.get_group()
         self.ep = ep_mesh.size()
         self.num_experts = num_experts
         self.num_local = num_experts // self.ep
-        self.chunks = chunks  # 0: by the bytes sent, `row_bytes` a routed row
-        self.row_bytes = row_bytes
-
-    def chunks_for(self, num_pairs: int) -> int:
-        """The same on every rank: every rank routes as many (token, choice) pairs."""
-        if self.chunks:
-            return self.chunks
-        return max(1, min(MAX_AUTO_CHUNKS, num_pairs * self.row_bytes // AUTO_CHUNK_BYTES))
+        self.chunks = chunks
 
     def group_of(self, expert_ids: Tensor) -> tuple[Tensor, int]:
         """Pairs sorted by (chunk of their token, local expert, destination rank)."""
         num_tokens = expert_ids.shape[0]
-        chunks = self.chunks_for(expert_ids.numel())
-        chunk = torch.arange(num_tokens, device=expert_ids.device).mul_(chunks).div_(
+        chunk = torch.arange(num_tokens, device=expert_ids.device).mul_(self.chunks).div_(
             max(num_tokens, 1), rounding_mode="floor").unsqueeze(1)
         rank, local = expert_ids.div(self.num_local, rounding_mode="floor"), expert_ids % self.num_local
-        return (chunk * self.num_local + local) * self.ep + rank, chunks * self.num_experts
+        return (chunk * self.num_local + local) * self.ep + rank, self.chunks * self.num_experts
 
     @torch.compiler.disable
     def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
                  alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
-        chunks = counts.numel() // self.num_experts
+        chunks = self.chunks
         send_PCJ = counts.view(chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
         recv_PCJ = torch.empty_like(send_PCJ)
         dist.all_to_all_single(recv_PCJ, send_PCJ, group=self.group)
@@ -168,11 +175,10 @@ class AllToAllExchange:
         return (returned[0] if chunks == 1 else torch.cat(returned)), shared
 
 
-def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int, activation_dtype: torch.dtype) -> None:
+def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int) -> None:
     """Shard `moe`'s experts over `ep_mesh` (DTensor Shard(0)) and swap in the all-to-all exchange."""
     experts = moe.experts
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)  # same on all ranks
         setattr(experts, name, nn.Parameter(sharded, requires_grad=param.requires_grad))
-    row_bytes = experts.w1.shape[1] * activation_dtype.itemsize
-    moe.exchange = AllToAllExchange(ep_mesh, moe.router.num_experts, chunks, row_bytes)
+    moe.exchange = AllToAllExchange(ep_mesh, moe.router.num_experts, chunks)
