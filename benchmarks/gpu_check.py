@@ -1,6 +1,7 @@
 """python -m benchmarks.gpu_check (`make gpu-check`): the CUDA path in one command, a few minutes on one GPU.
 
-1. The routing kernels' parity with the per-expert loop on CUDA, fp32 and bf16 (output and all gradients).
+1. The routing kernels' parity with the per-expert loop on CUDA, fp32 and bf16 (output and all gradients), and
+   each backend on a chunk of zero rows.
 2. The grouped-GEMM routing speedup over the loop at E=64 and E=128 (target: >= 5x).
 3. One training step of the small config in bf16 with compiled blocks: MFU against the device's bf16 peak
    (target: >= 40%).
@@ -25,6 +26,7 @@ from benchmarks import all_to_all
 from benchmarks.common import RESULTS_DIR, datasheet_peak, environment, markdown_table, matmul_flops, write_results
 from benchmarks.routing import Case, check, make_layer, run_case, working_backends
 from benchmarks.train_step import Run, run_config
+from kernels.grouped_mm import grouped_swiglu
 from moe_dist.config import load_config
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import Runtime, build_mesh
@@ -44,6 +46,22 @@ def kernel_parity(device: torch.device) -> list[list]:
             layer = make_layer(Case(4096, experts, 2, 512, 1024), device, dtype)
             for backend, error in check(layer, working_backends(layer)).items():
                 rows.append([str(dtype).removeprefix("torch."), experts, backend, f"{error:.1e}"])
+    return rows + empty_chunk(device)
+
+
+def empty_chunk(device: torch.device) -> list[list]:
+    """[dtype, E, backend, result]: the experts on a chunk that received no rows, forward and backward (expert
+    parallelism in chunks makes these common); the weight gradients must be zero."""
+    rows = []
+    weights = [torch.randn(4, *shape, device=device, dtype=torch.bfloat16, requires_grad=True)
+               for shape in ((512, 1024), (512, 1024), (1024, 512))]
+    x = torch.empty(0, 512, device=device, dtype=torch.bfloat16, requires_grad=True)
+    counts = torch.zeros(4, dtype=torch.int64, device=device)
+    for backend in working_backends(make_layer(Case(64, 4, 1, 512, 1024), device, torch.bfloat16)):
+        out = grouped_swiglu(x, *weights, counts, backend)
+        grads = torch.autograd.grad(out, [x, *weights], torch.zeros_like(out))
+        ok = out.shape == (0, 512) and all(g is not None and not g.any() for g in grads[1:])
+        rows.append(["bfloat16, 0 rows", 4, backend, "ok" if ok else "DIFFERS"])
     return rows
 
 
@@ -159,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
                                        "overlap": overlap})
     (RESULTS_DIR / "gpu_check-latest.md").write_text(report + "\n")
     print(f"results: {path}")
-    failed = any(row[-1] == "DIFFERS" for row in equivalence)
+    failed = any(row[-1] == "DIFFERS" for row in equivalence + parity)
     return 1 if failed else 0
 
 
