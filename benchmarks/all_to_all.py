@@ -180,11 +180,18 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
     result = {**asdict(case), "threads_per_rank": threads, "bytes_per_rank": timed["bytes_per_rank"]}
     for pass_name in ("fwd", "fwd+bwd"):
         t = timed[pass_name]
+        # On CUDA `wait` only orders streams: nothing blocks, and there is no hidden fraction to read off.
+        blocked_unchunked = t["layer c=1 blocked"]
         result[pass_name] = {**t, **{f"ratio c={c}": t[f"exchange c={c}"] / t["bare"] for c in CHUNKS},
                              "exchange only ratio": t["exchange only"] / t["bare"],
-                             **{f"hidden c={c}": 1 - t[f"layer c={c} blocked"] / t["layer c=1 blocked"]
-                                for c in CHUNKS}}
+                             **{f"layer ratio c={c}": t[f"layer c={c}"] / t["layer c=1"] for c in CHUNKS},
+                             **{f"hidden c={c}": 1 - t[f"layer c={c} blocked"] / blocked_unchunked
+                                if blocked_unchunked > 0 else None for c in CHUNKS}}
     return result
+
+
+def percent(fraction: float | None) -> str:
+    return "n/a" if fraction is None else f"{fraction:.0%}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -211,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
              *[f"{r[pass_name][f'ratio c={c}']:.2f}x" for c in CHUNKS], f"{r[pass_name]['experts'] * 1e3:.2f}",
              *[f"{r[pass_name][f'layer c={c}'] * 1e3:.2f}" for c in CHUNKS],
              *[f"{r[pass_name][f'layer c={c} blocked'] * 1e3:.2f}" for c in CHUNKS],
-             *[f"{r[pass_name][f'hidden c={c}']:.0%}" for c in CHUNKS],
+             *[percent(r[pass_name][f"hidden c={c}"]) for c in CHUNKS],
              human(r["tokens"] * r["world"] / r[pass_name]["layer c=1"])]
             for r in results for pass_name in ("fwd", "fwd+bwd")]
     print(markdown_table(["ranks", "tokens/rank", "E", "k", "D", "threads/rank", "MiB sent/rank", "pass", "bare ms",

@@ -101,7 +101,8 @@ CLEAR_WIN = 1.05
 def _clear_winner(rule: str, times: dict[str, list[float]]) -> str:
     """The rule's pick unless the other backend's median time beats it by CLEAR_WIN."""
     # Overriding only on a clear win keeps near-ties on the rule, so that noise flips fewer choices between
-    # processes (a resumed run measures afresh, and another backend changes its numbers in the last bits).
+    # processes (another backend changes the numbers in their last bits; a resumed run takes its checkpoint's
+    # choices, but a fresh run measures afresh).
     # The median, as one round in three can be 20% slow on a quiet 2-core VM.
     other = "grouped_mm" if rule == "padded" else "padded"
     return other if statistics.median(times[other]) * CLEAR_WIN < statistics.median(times[rule]) else rule

@@ -150,21 +150,20 @@ class AllToAllExchange:
     @torch.compiler.disable
     def __call__(self, rows: Tensor, counts: Tensor, compute: Callable[[Tensor, Tensor], Tensor],
                  alongside: Callable[[], Tensor] | None) -> tuple[Tensor, Tensor | None]:
-        chunks = self.chunks
-        send_PCJ = counts.view(chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
+        send_PCJ = counts.view(self.chunks, self.num_local, self.ep).permute(2, 0, 1).contiguous()
         recv_PCJ = torch.empty_like(send_PCJ)
         dist.all_to_all_single(recv_PCJ, send_PCJ, group=self.group)
         # The exchange's one host sync: every chunk's split sizes at once.
         send, recv = torch.stack([send_PCJ, recv_PCJ]).permute(0, 2, 3, 1).tolist()  # [2][C][J][P]
-        splits = [_Splits(send[c], recv[c], self.group) for c in range(chunks)]
+        splits = [_Splits(send[c], recv[c], self.group) for c in range(self.chunks)]
         expert_counts_CJ = recv_PCJ.sum(0)
         chunk_rows = rows.split([sum(map(sum, s.send)) for s in splits])
 
         in_flight = [_transfer_start(chunk_rows[0], splits[0])]
         shared = alongside() if alongside is not None else None
         returning, returned = None, []
-        for c in range(chunks):
-            if c + 1 < chunks:
+        for c in range(self.chunks):
+            if c + 1 < self.chunks:
                 in_flight.append(_transfer_start(chunk_rows[c + 1], splits[c + 1]))
             landed = _Land.apply(*in_flight[c])
             outputs = compute(landed, expert_counts_CJ[c])
@@ -172,7 +171,7 @@ class AllToAllExchange:
                 returned.append(_Land.apply(*returning))
             returning = _transfer_start(outputs, splits[c].reverse())
         returned.append(_Land.apply(*returning))
-        return (returned[0] if chunks == 1 else torch.cat(returned)), shared
+        return (returned[0] if self.chunks == 1 else torch.cat(returned)), shared
 
 
 def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int) -> None:
