@@ -41,6 +41,11 @@ def split(windows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return windows[..., :-1], windows[..., 1:]
 
 
+def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
+    """The largest difference, relative to the largest value."""
+    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
+
+
 def train_steps(model, cfg: Config, batches: torch.Tensor, rank: int = 0, ranks: int = 1) -> list:
     """Run the steps on this rank's slice of each global micro-batch; returns per-step results."""
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from distributed import run_on_ranks
-from equivalence import assert_layout, small_config
+from equivalence import assert_layout, relative_error, small_config
 from moe_dist.data import DataError
 from moe_dist.data.chat import ChatRenderer, Example, to_example
 from moe_dist.data.flags import IGNORE, LOSS
@@ -26,10 +26,6 @@ from runs import REPO
 
 SENTENCES = ["The quick brown fox jumps over the lazy dog.", "Pack my box with five dozen liquor jugs.",
              "How vexingly quick daft zebras jump!", "Sphinx of black quartz, judge my vow."]
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def test_a_packed_window_equals_each_document_alone():

@@ -9,7 +9,7 @@ from torch.distributed.device_mesh import init_device_mesh
 
 from distributed import run_on_ranks
 from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distributed_run, global_batches,
-                         reference_run, small_config, split)
+                         reference_run, relative_error, small_config, split)
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.config import ConfigError, ParallelConfig
@@ -82,10 +82,6 @@ def reference(cfg, skewed, batch) -> dict:
     if skewed:
         skew(model)
     return forward_backward(model, *split(batch))
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max().clamp_min(1e-30)).item()
 
 
 @pytest.mark.slow

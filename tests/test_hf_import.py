@@ -15,7 +15,7 @@ import torch.distributed as dist
 import transformers
 
 from distributed import run_on_ranks
-from equivalence import assert_layout, full_parameters, small_config, split, train_steps
+from equivalence import assert_layout, full_parameters, relative_error, small_config, split, train_steps
 from hf_models import FAMILIES, save_tiny
 from safetensors.torch import load_file, save_file
 
@@ -42,10 +42,6 @@ def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
     with torch.no_grad():
         out = model(tokens)
     return out[0] if isinstance(out, tuple) else out.logits
-
-
-def relative_error(got: torch.Tensor, want: torch.Tensor) -> float:
-    return ((got - want).abs().max() / want.abs().max()).item()
 
 
 def tokens(batch: int = 2, seed: int = 1) -> torch.Tensor:
