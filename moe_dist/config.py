@@ -324,9 +324,12 @@ def _check_numbers(cfg: Config) -> None:
             key, value = f"{section.name}.{f.name}", getattr(values, f.name)
             lo, hi, lo_closed, hi_closed, phrase = _interval_phrase(f.metadata["interval"])
             _check(math.isfinite(value), f"{key} = {value} must be finite and {phrase}")
-            _check(abs(value) <= INT64_MAX, f"{key} = {value} must be at most {INT64_MAX:,} in size")
             inside = (lo <= value if lo_closed else lo < value) and (value <= hi if hi_closed else value < hi)
             _check(inside, f"{key} = {value} must be {phrase}")
+            # Inside an interval to inf, but no field means anything beyond 64 bits (1e308 passes as a float).
+            bound = f"{INT64_MAX:,}" if isinstance(value, int) else f"{INT64_MAX:.3g}"
+            _check(value <= INT64_MAX, f"{key} = {value} must be at most {bound} (valid: "
+                                       f"{'[' if lo_closed else '('}{lo:g}, {bound}])")
 
 
 def _check_run_name(name: str) -> None:

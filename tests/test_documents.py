@@ -208,20 +208,20 @@ def test_overlong_conversations_are_truncated_or_dropped_and_counted(tmp_path, c
     source, tokenizer = tokenizer_dir(tmp_path / "tok", CHAT_TEMPLATE)
     write_jsonl(tmp_path / "chats.jsonl", CHATS * 20)
     out = prepare([tmp_path / "chats.jsonl"], tmp_path / "data", 320, tokenizer=source, workers=1,
-                  records=RecordOptions(chat=True, max_tokens=24, overlong=overlong))
+                  records=RecordOptions(chat=True, max_tokens=48, overlong=overlong))  # cut answers keep a token
     renderer = ChatRenderer(CHAT_TEMPLATE, "", EOS_TOKEN)
     lengths = [len(tokenizer.encode(to_example(json.dumps(c).encode(), "", renderer).text,
                                     add_special_tokens=False).ids) for c in CHATS]
     skipped = json.loads((out / "manifest.json").read_text())["skipped"]
     longer = skipped["truncated" if overlong == "truncate" else "dropped"]
-    assert longer == 20 * sum(n > 24 for n in lengths) > 0
-    assert skipped["dropped" if overlong == "truncate" else "truncated"] == 0
+    assert longer == 20 * sum(n > 48 for n in lengths) > 0
+    assert skipped["dropped" if overlong == "truncate" else "truncated"] == 0 and skipped["no_target"] == 0
     assert f"{longer} {'truncated to' if overlong == 'truncate' else 'dropped for exceeding'} --max-tokens" in (
         capsys.readouterr().err)
-    loader = DataLoader(out, "train", 23, 2, document_mask=True)  # every conversation fits a window of 24
-    assert next(loader).inputs.shape == (2, 23)
+    loader = DataLoader(out, "train", 47, 2, document_mask=True)  # every conversation fits a window of 48
+    assert next(loader).inputs.shape == (2, 47)
     if overlong == "truncate":
-        with pytest.raises(DataError, match=r"holds a conversation of 24 tokens, more than data.seq_len \+ 1 = 17; "
+        with pytest.raises(DataError, match=r"holds a conversation of 48 tokens, more than data.seq_len \+ 1 = 17; "
                                             r"prepare it with --max-tokens 17"):
             DataLoader(out, "train", 16, 2, document_mask=True)
 

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 from moe_dist.data.manifest import FORMAT_VERSION, MANIFEST
-from moe_dist.data.prep import prepare
+from moe_dist.data.prep import check_vocab_size, given_tokenizer, prepare
 from moe_dist.data.tokenizer import file_hash
 
 STDLIB_CAP_BYTES = 16 * 2**20  # keeps tokenizer training + tokenization well under a minute on 2 cores
@@ -49,6 +49,10 @@ def default_corpus(cache_root: Path, vocab_size: int, tokenizer: Path | None = N
     target = cache_root / f"stdlib-f{FORMAT_VERSION}-v{vocab_size}{suffix}"
     if (target / MANIFEST).is_file():
         return target
+    # What prepare would refuse, refused before the cache is touched: a refusal leaves nothing behind.
+    check_vocab_size(vocab_size, tokenizer is None)
+    if tokenizer is not None:
+        given_tokenizer(tokenizer, vocab_size)
     cache_root.mkdir(parents=True, exist_ok=True)
     # Ranks that start together wait for one builder instead of all building; the lock dies with its process.
     with open(cache_root / f".{target.name}.lock", "w") as lock:
@@ -56,9 +60,11 @@ def default_corpus(cache_root: Path, vocab_size: int, tokenizer: Path | None = N
         if (target / MANIFEST).is_file():
             return target
         source = cache_root / f".{target.name}-source.jsonl"
-        with open(source, "w", encoding="utf-8") as f:
-            for text in stdlib_texts(stdlib_dir(), STDLIB_CAP_BYTES):
-                f.write(json.dumps({"text": text}) + "\n")
-        prepare([source], target, vocab_size, tokenizer)  # built beside target and swapped in whole
-        source.unlink()
+        try:
+            with open(source, "w", encoding="utf-8") as f:
+                for text in stdlib_texts(stdlib_dir(), STDLIB_CAP_BYTES):
+                    f.write(json.dumps({"text": text}) + "\n")
+            prepare([source], target, vocab_size, tokenizer)  # built beside target and swapped in whole
+        finally:
+            source.unlink(missing_ok=True)
     return target

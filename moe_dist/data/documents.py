@@ -64,6 +64,16 @@ def _decode(data: bytes, where: str, offset: int = 0) -> str:
         raise DataError(f"data: {where}: not UTF-8 text ({e.reason} at byte {offset + e.start})") from None
 
 
+def unicode_text(text: str, where: str, what: str) -> str:
+    """`text` if it is Unicode text: JSON can escape a lone surrogate ("\\ud800"), which UTF-8 cannot hold."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DataError(f"data: {where}: {what} holds a lone surrogate (\\u{ord(text[e.start]):04x} at character "
+                        f"{e.start}), which is not text") from None
+    return text
+
+
 def _jsonl_text(line: bytes, where: str, text_field: str) -> str:
     try:
         record = json.loads(_decode(line, where))
@@ -74,7 +84,7 @@ def _jsonl_text(line: bytes, where: str, text_field: str) -> str:
     text = record[text_field]
     if not isinstance(text, (str, type(None))):
         raise DataError(f"data: {where}: field {text_field!r} is {type(text).__name__}, not str")
-    return text or ""
+    return unicode_text(text or "", where, f"field {text_field!r}")
 
 
 def read_documents(path: Path, text_field: str) -> Iterator[str]:

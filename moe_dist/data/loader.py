@@ -124,9 +124,22 @@ def _check_global_batch(windows: int, tokens: int, split: str, data_dir: Path | 
                         f"{micro_batch} sequences)")
 
 
-def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_batch: int, world_size: int) -> None:
+def _has_targets(shards: TokenShards) -> bool:
+    """The split holds a target token (LOSS, not starting a document): the manifest counts them; for a chat split
+    prepared before it did, the flags tell (documents' tokens are all LOSS: a split with a window has targets)."""
+    counted = shards.manifest["splits"][shards.split].get("targets")
+    if isinstance(counted, int):
+        return counted > 0
+    if shards.manifest.get("kind") != "chat":
+        return True
+    return any(np.any((flags & (LOSS | DOC_START)) == LOSS) for _, flags in shards.chunks)
+
+
+def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_batch: int, world_size: int,
+                     grad_accum: int = 1, eval_steps: int = 1) -> None:
     """DataError unless the prepared data fits a model of vocab_size, with the manifest's tokenizer and dtype,
-    and each split holds at least one global batch."""
+    each split holds targets and at least one global batch, and one step reads no window twice: a training step
+    (grad_accum global batches) from the train split, an evaluation (eval_steps of them) from the val split."""
     manifest = read_manifest(Path(data_dir))
     tokenizer = Path(data_dir) / manifest["tokenizer"]["file"]
     if not tokenizer.is_file():
@@ -138,10 +151,18 @@ def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")
-    for split in ("train", "val"):
+    for split, key, steps in (("train", "train.grad_accum", grad_accum), ("val", "train.eval_steps", eval_steps)):
         shards = TokenShards(data_dir, split)
         windows = len(windows_of(shards, seq_len)[0])
         _check_global_batch(windows, len(shards), split, data_dir, seq_len, micro_batch, world_size)
+        if not _has_targets(shards):
+            raise DataError(f"data: split {split!r} of {data_dir} has no target token (every answer cut off or "
+                            f"empty), so nothing to learn; prepare it again (prep drops such records)")
+        batches = windows // (world_size * micro_batch)
+        if steps > batches:
+            raise DataError(f"data: {key} = {steps:,} must be at most {batches:,}, the global batches of "
+                            f"{world_size} ranks x {micro_batch} sequences in split {split!r} of {data_dir} "
+                            f"({windows:,} windows): one step reads each of its windows once")
 
 
 class DataLoader:

@@ -22,6 +22,7 @@ import multiprocessing as mp
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Iterable, Iterator
@@ -33,7 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from moe_dist.cli import OneLineParser, error_line
-from moe_dist.data import DataError
+from moe_dist.data import DataError, one_line
 from moe_dist.data.chat import ChatRenderer, Example, chat_template, read_examples
 from moe_dist.data.documents import check_file, find_inputs, read_documents
 from moe_dist.data.flags import DOC_START, LOSS
@@ -114,6 +115,10 @@ class RecordOptions:
     bad_records: str = "error"  # error | skip (counted), a chat record that is not one
 
 
+# What prep counts of the records it does not keep whole (the manifest's "skipped"), as its report says it.
+SKIPPED = {"empty": "empty documents skipped", "bad": "bad records skipped", "truncated": "truncated to --max-tokens",
+           "dropped": "dropped for exceeding --max-tokens", "no_target": "dropped with no target token left"}
+
 Stream = tuple[np.ndarray, np.ndarray]  # a piece of the token stream: tokens and their flags (data.flags)
 
 
@@ -123,20 +128,34 @@ _worker: tuple = ()  # (tokenizer, [BOS id] or [], EOS id, dtype, RecordOptions)
 def _init_worker(tokenizer_path: str, bos: int | None, eos: int, dtype: str, records: RecordOptions) -> None:
     global _worker
     os.environ["TOKENIZERS_PARALLELISM"] = "false"  # the pool is the parallelism; one thread per worker
+    # Ctrl-C reaches the whole process group: the parent stops the pool and says so, in one line. SIGTERM stays
+    # the default (a silent exit): it is how the pool ends its workers.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     _worker = (load_tokenizer(Path(tokenizer_path)), [] if bos is None else [bos], eos, dtype, records)
 
 
 def _answer_flags(encoding, example: Example) -> np.ndarray:
     """LOSS on the tokens of a chat that overlap an answer's span (a token may start in the prompt: " Paris")."""
     offsets = np.array(encoding.offsets, dtype=np.int64).reshape(-1, 2)
-    answer = np.zeros(len(offsets), dtype=bool)
-    for lo, hi in example.spans:
-        answer |= (offsets[:, 1] > lo) & (offsets[:, 0] < hi)
-    return np.where(answer, LOSS, 0).astype(np.uint8)
+    spans = np.array(example.spans, dtype=np.int64).reshape(-1, 2)
+    # Characters inside an answer, counted up to each position: a token holds one if the count grows across it.
+    # Linear in characters + tokens + spans (a test per span would be quadratic in turns).
+    edges = np.zeros(len(example.text) + 1, dtype=np.int64)
+    np.add.at(edges, spans[:, 0], 1)
+    np.add.at(edges, spans[:, 1], -1)
+    inside = np.concatenate([[0], np.cumsum(np.cumsum(edges)[:-1] > 0)])
+    return np.where(inside[offsets[:, 1]] > inside[offsets[:, 0]], LOSS, 0).astype(np.uint8)
+
+
+def _targets(flags: np.ndarray | None, length: int) -> int:
+    """A record's target tokens: its LOSS tokens after the first, which is never one (it would be predicted from
+    the record before; chats are trained with data.document_mask). Flags None: every token is LOSS."""
+    return max(length - 1, 0) if flags is None else int(np.count_nonzero(flags[1:] & LOSS))
 
 
 def _encode(items: list[str | Example | None]) -> tuple[Stream, np.ndarray, collections.Counter, int]:
-    """Documents or chats -> (their stream, tokens per kept document, counts of what was seen and skipped, bytes).
+    """Documents or chats -> (their stream, [tokens, targets] per kept document, counts of what was seen and
+    skipped, bytes).
 
     A document is BOS (where the tokenizer has one), its tokens and EOS, every one a target; a chat is its rendered
     text, the targets being the tokens of its answers. Each starts with DOC_START."""
@@ -147,16 +166,23 @@ def _encode(items: list[str | Example | None]) -> tuple[Stream, np.ndarray, coll
     kept = [(item, text) for item, text in zip(present, texts) if text]
     counts["empty"] = len(texts) - len(kept)  # an empty document would add a lone EOS
     encodings = tokenizer.encode_batch([text for _, text in kept], add_special_tokens=False)
-    ids, flags = [], []
+    ids, flags, doc_targets = [], [], []
     for encoding, (item, _) in zip(encodings, kept):
         doc_ids = bos + encoding.ids + [eos] if isinstance(item, str) else encoding.ids
         doc_flags = None if isinstance(item, str) else _answer_flags(encoding, item)  # None: all LOSS
-        if records.max_tokens and len(doc_ids) > records.max_tokens:
-            counts["dropped" if records.overlong == "drop" else "truncated"] += 1
-            if records.overlong == "drop":
-                continue
+        overlong = bool(records.max_tokens) and len(doc_ids) > records.max_tokens
+        if overlong and records.overlong == "drop":
+            counts["dropped"] += 1
+            continue
+        if overlong:
             doc_ids = doc_ids[:records.max_tokens]
             doc_flags = None if doc_flags is None else doc_flags[:records.max_tokens]
+        targets = _targets(doc_flags, len(doc_ids))
+        if not targets:  # it would only add tokens that teach nothing (an answer cut off, an empty pair)
+            counts["no_target"] += 1
+            continue
+        counts["truncated"] += overlong
+        doc_targets.append(targets)
         ids.append(doc_ids)
         flags.append(doc_flags)
     lengths = np.array([len(d) for d in ids], dtype=np.int64)
@@ -166,7 +192,8 @@ def _encode(items: list[str | Example | None]) -> tuple[Stream, np.ndarray, coll
     else:
         token_flags = np.concatenate([np.full(n, LOSS, np.uint8) if f is None else f for f, n in zip(flags, lengths)])
     token_flags[np.cumsum(lengths) - lengths] |= DOC_START
-    return (tokens, token_flags), lengths, counts, sum(len(t.encode()) for t in texts)
+    docs = np.stack([lengths, np.array(doc_targets, dtype=np.int64)])
+    return (tokens, token_flags), docs, counts, sum(len(t.encode()) for t in texts)
 
 
 def _items(files: list[Path], text_field: str, renderer: ChatRenderer | None,
@@ -202,8 +229,11 @@ def _in_order(pool: Pool, tasks: Iterator, depth: int) -> Iterator:
 
 def _write_shard(path: Path, piece: Stream, schema: pa.Schema) -> dict:
     # One record batch per shard: the loader maps each column as a single contiguous array.
-    with pa.ipc.new_file(str(path), schema) as writer:
-        writer.write_batch(pa.record_batch([pa.array(column) for column in piece], schema=schema))
+    try:
+        with pa.ipc.new_file(str(path), schema) as writer:
+            writer.write_batch(pa.record_batch([pa.array(column) for column in piece], schema=schema))
+    except OSError as e:  # Arrow's names no file: a full disk would be one line without the path
+        raise OSError(e.errno, os.strerror(e.errno) if e.errno else one_line(e), str(path)) from None
     return shard_record(path, int(piece[0].size))
 
 
@@ -300,35 +330,42 @@ def _tokenize(items: Iterator[str | Example | None], staging: Path, tokenizer_pa
     schema = pa.schema([("tokens", pa.from_numpy_dtype(np.dtype(dtype))), ("flags", pa.uint8())],
                        metadata={SHARD_TOKENIZER_KEY: file_hash(tokenizer_path)})
     stream = _ShardWriter(staging, "stream", shard_tokens, schema)
-    progress, lengths, counts = _Progress("tokenizing"), [], collections.Counter()
+    progress, docs, counts = _Progress("tokenizing"), [], collections.Counter()
     # spawn, not fork: the parent may hold threads (the tokenizer trainer's, torch's) that fork would not copy.
     with mp.get_context("spawn").Pool(workers, _init_worker, (str(tokenizer_path), bos, eos, dtype, records)) as pool:
-        for piece, doc_lengths, seen, nbytes in _in_order(pool, _tasks(items), 2 * workers):
+        for piece, piece_docs, seen, nbytes in _in_order(pool, _tasks(items), 2 * workers):
             stream.add(piece)
-            lengths.append(doc_lengths)
+            docs.append(piece_docs)
             counts += seen
             progress.update(seen["records"], nbytes, piece[0].size)
     progress.report()
-    doc_tokens = np.concatenate(lengths) if lengths else np.zeros(0, np.int64)
+    doc_tokens, doc_targets = np.concatenate(docs, axis=1) if docs else np.zeros((2, 0), np.int64)
     first, last = val_documents(doc_tokens, val_fraction)
     offsets = np.concatenate([[0], np.cumsum(doc_tokens)])
     train, val = _split(staging, stream, int(offsets[first]), int(offsets[last]))
-    val_tokens = int(offsets[last] - offsets[first])
+    val_tokens, val_targets = int(offsets[last] - offsets[first]), int(doc_targets[first:last].sum())
     return {"train": {"shards": train, "tokens": int(offsets[-1]) - val_tokens,
-                      "documents": len(doc_tokens) - (last - first)},
-            "val": {"shards": val, "tokens": val_tokens, "documents": last - first},
-            "skipped": {why: counts[why] for why in ("empty", "bad", "truncated", "dropped")}}
+                      "documents": len(doc_tokens) - (last - first), "targets": int(doc_targets.sum()) - val_targets},
+            "val": {"shards": val, "tokens": val_tokens, "documents": last - first, "targets": val_targets},
+            "skipped": {why: counts[why] for why in SKIPPED}}
 
 
 def _check_options(vocab_size: int, workers: int, shard_tokens: int, val_fraction: float, train_one: bool,
                    max_tokens: int = 0) -> None:
     if max_tokens < 0:
         raise DataError(f"data: max_tokens = {max_tokens} must be >= 0 (0: no limit)")
-    for name, value in (("vocab_size", vocab_size), ("workers", workers), ("shard_tokens", shard_tokens)):
+    for name, value in (("workers", workers), ("shard_tokens", shard_tokens)):
         if value < 1:
             raise DataError(f"data: {name} = {value} must be >= 1")
     if not 0.0 <= val_fraction < 1.0:
         raise DataError(f"data: val_fraction = {val_fraction} must be in [0, 1)")
+    check_vocab_size(vocab_size, train_one)
+
+
+def check_vocab_size(vocab_size: int, train_one: bool) -> None:
+    """DataError unless vocab_size can hold a tokenizer (with train_one: one that prep trains)."""
+    if vocab_size < 1:
+        raise DataError(f"data: vocab_size = {vocab_size} must be >= 1")
     if train_one and vocab_size < MIN_VOCAB:
         raise DataError(f"data: vocab_size = {vocab_size} is too small for a byte-level tokenizer (min {MIN_VOCAB})")
 
@@ -352,7 +389,8 @@ def _check_out_dir(out_dir: Path, files: list[Path]) -> Path:
     return out_dir
 
 
-def _given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
+def given_tokenizer(tokenizer: Path, vocab_size: int) -> None:
+    """DataError unless `tokenizer` (a tokenizer.json) loads, names its EOS and fits in vocab_size."""
     tok = load_tokenizer(tokenizer)
     eos_id(tok, tokenizer)
     bos_id(tok, tokenizer)
@@ -385,7 +423,9 @@ def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | 
         progress = _Progress("training the tokenizer")
         texts = (item if isinstance(item, str) else item.text
                  for item in _items(files, text_field, renderer, skip_bad=True) if item is not None)
-        train_tokenizer(progress.track(texts), vocab_size).save(str(tokenizer_path))
+        # Written from Python, not Tokenizer.save: a full disk is then an OSError naming the file.
+        tokenizer_path.write_text(train_tokenizer(progress.track(texts), vocab_size).to_str(pretty=True),
+                                  encoding="utf-8")
         progress.report()
     else:
         shutil.copyfile(tokenizer, tokenizer_path)
@@ -395,28 +435,32 @@ def _build(files: list[Path], staging: Path, vocab_size: int, tokenizer: Path | 
     bos, eos = bos_id(tok, tokenizer or tokenizer_path), eos_id(tok, tokenizer or tokenizer_path)
     items = _items(files, text_field, renderer, records.bad_records == "skip")
     splits = _tokenize(items, staging, tokenizer_path, bos, eos, dtype, records, workers, shard_tokens, val_fraction)
+    skipped = splits.pop("skipped")
+    if not splits["train"]["targets"] + splits["val"]["targets"]:  # training on it would log loss 0, ppl 1
+        inputs = str(files[0]) if len(files) == 1 else f"{files[0]} and {len(files) - 1} more inputs"
+        raise DataError(f"data: {inputs}: no record has a target token left ({', '.join(_skipped_parts(skipped))})"
+                        f", so nothing to learn")
     manifest = {
         "format": FORMAT_VERSION, "fingerprint": fp, "options": options, "input_files": len(files),
         "kind": "chat" if records.chat else "documents",
         "tokenizer": {"file": TOKENIZER_FILE, "hash": file_hash(tokenizer_path)},
         "vocab_size": vocab_size, "tokenizer_vocab_size": tok.get_vocab_size(), "dtype": dtype, "eos_id": eos,
-        "bos_id": bos, "skipped": splits.pop("skipped"), "splits": splits,
+        "bos_id": bos, "skipped": skipped, "splits": splits,
     }
     write_manifest(staging, manifest)
     return manifest
 
 
-SKIPPED = {"empty": "empty documents skipped", "bad": "bad records skipped", "truncated": "truncated to --max-tokens",
-           "dropped": "dropped for exceeding --max-tokens"}
+def _skipped_parts(skipped: dict[str, int]) -> list[str]:
+    return [f"{n:,} {SKIPPED[why]}" for why, n in skipped.items() if n]
 
 
 def _report(out_dir: Path, manifest: dict) -> None:
     train, val = manifest["splits"]["train"], manifest["splits"]["val"]
     share = val["tokens"] / max(train["tokens"] + val["tokens"], 1)
-    skipped = "".join(f", {n:,} {SKIPPED[why]}" for why, n in manifest["skipped"].items() if n)
     print(f"prep: {out_dir}: train {train['tokens']:,} tokens ({train['documents']:,} documents), val "
-          f"{val['tokens']:,} tokens ({val['documents']:,} documents, {share:.2%} of the tokens){skipped}",
-          file=sys.stderr, flush=True)
+          f"{val['tokens']:,} tokens ({val['documents']:,} documents, {share:.2%} of the tokens)"
+          f"{''.join(', ' + part for part in _skipped_parts(manifest['skipped']))}", file=sys.stderr, flush=True)
 
 
 def _check_inputs(files: list[Path], text_field: str, records: RecordOptions, tokenizer: Path | None) -> None:
@@ -439,7 +483,7 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path 
     if tokenizer is not None and Path(tokenizer).is_dir():  # a Hugging Face model dir
         tokenizer = Path(tokenizer) / TOKENIZER_FILE
     if tokenizer is not None:
-        _given_tokenizer(Path(tokenizer), vocab_size)
+        given_tokenizer(Path(tokenizer), vocab_size)
     options = {"format": FORMAT_VERSION, "vocab_size": vocab_size, "text_field": text_field,
                "shard_tokens": shard_tokens, "val_fraction": val_fraction,
                "tokenizer": file_hash(tokenizer) if tokenizer is not None else None, **asdict(records),
@@ -459,6 +503,15 @@ def prepare(inputs: list[Path], out_dir: Path, vocab_size: int, tokenizer: Path 
         shutil.rmtree(staging, ignore_errors=True)
     _report(out_dir, manifest)
     return out_dir
+
+
+class _Terminated(BaseException):
+    """SIGTERM, raised in the main thread: a BaseException, so that no `except Exception` on the way (a chat
+    template's) takes it for an error in the data."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    raise _Terminated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -483,6 +536,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--bad-records", default="error", choices=("error", "skip"),
                         help="a chat record that is not one: stop with one line naming it, or skip and count it")
     args = parser.parse_args(argv)
+    previous = signal.signal(signal.SIGTERM, _terminate)
     try:
         records = RecordOptions(args.chat, args.max_tokens, args.overlong, args.bad_records)
         out = prepare(args.input, args.out, args.vocab_size, args.tokenizer, args.text_field, args.workers,
@@ -490,6 +544,12 @@ def main(argv: list[str] | None = None) -> int:
     except (DataError, OSError) as e:
         print(error_line("data", e), file=sys.stderr)
         return 2
+    except (_Terminated, KeyboardInterrupt) as e:  # prepare's cleanup has run: the staging dir is gone
+        signum = signal.SIGTERM if isinstance(e, _Terminated) else signal.SIGINT
+        print(f"prep: stopped by {signum.name}; nothing half-written was kept", file=sys.stderr)
+        return 128 + signum
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     print(out)
     return 0
 
