@@ -69,6 +69,15 @@ def test_the_readme_recipes_figures(capsys, directory, world, lines):
     ({"router_jitter_noise": 0.1}, "router_jitter_noise = 0.1 is not supported"),
     ({"rope_parameters": {"rope_theta": 1e6, "rope_type": "yarn", "factor": 4.0}}, "rope_parameters = {"),
     ({"num_local_experts": None}, "missing num_local_experts"),
+    # Named by the key that scales, beside transformers 5's unscaled rope_parameters.
+    ({"rope_scaling": {"rope_type": "linear", "factor": 2.0}}, 'rope_scaling = {"rope_type": "linear"'),
+    # Strings, booleans and lists where numbers belong (load_config would take "8" as 8 and true as 1).
+    ({"num_local_experts": "8"}, 'num_local_experts = "8" must be an integer'),
+    ({"hidden_size": True}, "hidden_size = true must be an integer"),
+    ({"num_experts_per_tok": [2]}, "num_experts_per_tok = [2] must be an integer"),
+    ({"rms_norm_eps": "1e-5"}, 'rms_norm_eps = "1e-5" must be a number'),
+    ({"rope_parameters": {"rope_type": "default", "rope_theta": "1e6"}},
+     'rope_parameters.rope_theta = "1e6" must be a number'),
 ])
 def test_what_does_not_map_is_one_line_naming_the_key(tmp_path, capsys, change, message):
     path = save(tmp_path) / "config.json"
@@ -117,6 +126,8 @@ def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
     ("olmoe", {"head_dim": 16}, "head_dim = 16 is not supported (OLMoE's k_norm"),
     ("olmoe", {"rope_parameters": {"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4}}, "rope_parameters"),
     ("qwen2_moe", {"mlp_only_layers": [7]}, "moe.dense_layers = [7] must hold layer numbers in [0, model.n_layers"),
+    ("qwen2_moe", {"mlp_only_layers": [True]}, "mlp_only_layers = [true] must be a list of integers"),
+    ("qwen3_moe", {"norm_topk_prob": "false"}, 'norm_topk_prob = "false" must be true or false'),
 ])
 def test_family_features_that_do_not_map_are_one_line(tmp_path, capsys, family, change, message):
     config_cls, _, values = FAMILIES[family]

@@ -56,6 +56,33 @@ FIXED = {"moe.score_func": "softmax", "moe.capacity_factor": 0.0, "moe.aux_free_
          "moe.first_k_dense": 0, "moe.every_n_layers": 1, "moe.dense_layers": [], "moe.shared_expert_hidden": 0,
          "moe.shared_expert_gate": False, "model.head_dim": 0, "model.qkv_bias": False, "model.qk_norm": "none",
          "model.clip_qkv": 0.0}
+# config.json's special-token ids: an export of an imported model carries the source's exactly.
+TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is a Python int
+
+
+# What each config.json value moe_dist reads must be (null: the key's default, or missing where it is required):
+# load_config would take "8" as a command-line string and true as 1.
+VALUE_KINDS = {
+    **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
+                     "max_position_embeddings", "num_experts_per_tok", "num_local_experts", "num_experts",
+                     "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim",
+                     "decoder_sparse_step"), "an integer"),
+    **dict.fromkeys(("rms_norm_eps", "initializer_range", "router_aux_loss_coef", "rope_theta", "clip_qkv",
+                     "router_jitter_noise", "attention_dropout", "rope_parameters.rope_theta"), "a number"),
+    **dict.fromkeys(("norm_topk_prob", "qkv_bias", "tie_word_embeddings", "use_sliding_window", "attention_bias"),
+                    "true or false"),
+    "mlp_only_layers": "a list of integers", "layer_types": "a list of strings",
+    "rope_parameters": "an object", "rope_scaling": "an object",
+}
+IS_KIND = {"an integer": _integer, "a number": lambda v: _integer(v) or isinstance(v, float),
+           "true or false": lambda v: isinstance(v, bool),
+           "a list of integers": lambda v: isinstance(v, list) and all(map(_integer, v)),
+           "a list of strings": lambda v: isinstance(v, list) and all(isinstance(t, str) for t in v),
+           "an object": lambda v: isinstance(v, dict)}
 
 
 def is_hf_dir(path: str | Path | None) -> bool:
@@ -105,6 +132,16 @@ def read_hf_config(directory: str | Path) -> tuple[Family, dict, Path]:
     return FAMILIES[model_type], data, path
 
 
+def _check_kinds(data: dict, path: Path) -> None:
+    """ConfigError naming the first value of another JSON type than moe_dist reads it as (VALUE_KINDS)."""
+    values = {key: data.get(key) for key in VALUE_KINDS}
+    if isinstance(data.get("rope_parameters"), dict):  # where transformers 5 keeps rope_theta
+        values["rope_parameters.rope_theta"] = data["rope_parameters"].get("rope_theta")
+    for key, value in values.items():
+        if value is not None and not IS_KIND[VALUE_KINDS[key]](value):
+            raise ConfigError(f"config: {path}: {key} = {json.dumps(value)} must be {VALUE_KINDS[key]}")
+
+
 def _refusal(data: dict, path: Path, key: str, why: str) -> ConfigError:
     return ConfigError(f"config: {path}: {key} = {json.dumps(data.get(key))} is not supported ({why})")
 
@@ -130,9 +167,9 @@ def _check_attention(family: Family, data: dict, path: Path) -> None:
     default_head = data["hidden_size"] // data["num_attention_heads"]
     refuse_if(family.model_type == "olmoe" and data.get("head_dim") not in (None, default_head), "head_dim",
               "OLMoE's k_norm is sized by hidden_size / num_attention_heads")
-    rope = data.get("rope_parameters") or {"rope_type": "default"}
-    refuse_if(rope.get("rope_type", "default") != "default" or data.get("rope_scaling") is not None,
-              "rope_parameters" if "rope_parameters" in data else "rope_scaling",
+    # Named by the key that scales: transformers 4's rope_scaling, or transformers 5's rope_parameters.
+    refuse_if(data.get("rope_scaling") is not None, "rope_scaling", "moe_dist's rotary embedding is unscaled")
+    refuse_if((data.get("rope_parameters") or {}).get("rope_type", "default") != "default", "rope_parameters",
               "moe_dist's rotary embedding is unscaled")
 
 
@@ -157,6 +194,7 @@ def _family_values(family: Family, data: dict) -> dict[str, object]:
 def hf_values(directory: str | Path) -> dict[str, object]:
     """Every model.* and moe.* value of the Hugging Face model in `directory`, as moe_dist overrides."""
     family, data, path = read_hf_config(directory)
+    _check_kinds(data, path)
     if data.get(family.num_experts_key) is None and "num_local_experts" in data:  # Qwen3-MoE's alias, which
         data[family.num_experts_key] = data["num_local_experts"]  # transformers 5 writes for num_experts
     required = [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, "router_aux_loss_coef"]
@@ -257,8 +295,20 @@ def _dense_layers_key(cfg: Config) -> str:
     return f"moe.dense_layers = {moe.dense_layers}"
 
 
-def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int | None) -> dict:
-    """config.json for the family's transformers class (checked with family_blocker first)."""
+def source_token_ids(cfg: Config) -> dict[str, object] | None:
+    """The special-token ids of the Hugging Face model a run was imported from (train.init_from's config.json),
+    null included and absent ones left out (transformers' defaults then stand, as for the source); None for a
+    model of our own or one whose source is no longer there."""
+    if not is_hf_dir(cfg.train.init_from):
+        return None
+    _, data, _ = read_hf_config(cfg.train.init_from)
+    return {key: data[key] for key in TOKEN_ID_KEYS if key in data}
+
+
+def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int | None,
+              token_ids: dict[str, object] | None = None) -> dict:
+    """config.json for the family's transformers class (checked with family_blocker first). Its special-token ids
+    are `token_ids` exactly where given (source_token_ids), else `bos` and `eos`."""
     m, moe = cfg.model, cfg.moe
     out = {"architectures": [family.architecture], "model_type": family.model_type, "torch_dtype": dtype,
            **{key: getattr(getattr(cfg, ours.split(".")[0]), ours.split(".")[1]) for key, ours in COMMON_KEYS.items()},
@@ -266,7 +316,8 @@ def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int
            family.num_experts_key: moe.num_experts, family.expert_hidden_key: moe.expert_hidden,
            "router_aux_loss_coef": aux_loss_coef_to_hf(moe.aux_loss_coef, moe.top_k, moe_layer_count(cfg)),
            "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
-           "output_router_logits": False, "bos_token_id": bos, "eos_token_id": eos}
+           "output_router_logits": False,
+           **({"bos_token_id": bos, "eos_token_id": eos} if token_ids is None else token_ids)}
     if family.model_type == "mixtral":
         return {**out, "sliding_window": None, "router_jitter_noise": 0.0}
     out["norm_topk_prob"] = moe.renormalize

@@ -106,6 +106,12 @@ class HFCheckpoint:
             except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
                 raise CheckpointError(f"import: {index}: not a readable safetensors index ({type(e).__name__}: "
                                       f"{e})") from None
+            # A shard is a file in the model dir: an entry naming one elsewhere would load weights from outside it.
+            outside = next((key for key, name in weight_map.items()
+                            if Path(name).is_absolute() or ".." in Path(name).parts), None)
+            if outside is not None:
+                raise CheckpointError(f"import: {index}: entry {outside} names {json.dumps(weight_map[outside])}, "
+                                      f"outside {self.directory} (shards are files in the model dir)")
         elif single.is_file():
             files = {key: single for key in self._handle(single).keys()}
         else:
@@ -140,8 +146,13 @@ class HFCheckpoint:
         return self._handle(self.files[key]).get_slice(key).get_dtype()
 
     def read(self, key: str, block: Block) -> Tensor:
-        """Only `block` of tensor `key`, read from its file."""
-        return self._handle(self.files[key]).get_slice(key)[block]
+        """Only `block` of tensor `key`, read from its file; CheckpointError if a value is NaN or infinite (a model
+        that starts from it would skip every step)."""
+        values = self._handle(self.files[key]).get_slice(key)[block]
+        low, high = torch.aminmax(values)  # one reduction over what was just read, no tensor of flags
+        if not (low.isfinite() and high.isfinite()):
+            raise CheckpointError(f"import: {self.files[key]}: tensor {key} holds NaN or infinite values")
+        return values
 
     def close(self) -> None:
         """Drop the open files: their memory-mapped pages stop counting in this process's memory (they are
