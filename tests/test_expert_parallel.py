@@ -47,7 +47,7 @@ def skew(model) -> None:
 
 
 def forward_backward(model, inputs, targets) -> dict:
-    logits, aux_loss = model(inputs)
+    logits, aux_loss, routing = model(inputs, routing=True)
     ce = loss_fn(logits, targets)
     (ce + aux_loss).backward()
     grads = {}
@@ -56,7 +56,7 @@ def forward_backward(model, inputs, targets) -> dict:
         grads[plain_name(name)] = g.clone()
     loss = (sum_over_ranks(ce.detach()) / (dist.get_world_size() if dist.is_initialized() else 1)).item()
     return {"logits": logits.detach(), "loss": loss, "aux_loss": aux_loss.item(),
-            "grads": grads, "dropped": sum(int(m.last_dropped) for m in moe_layers(model))}
+            "grads": grads, "dropped": int(routing.dropped.sum())}
 
 
 def ep_worker(rank, world_size, ep, cases, chunk_counts):

@@ -26,13 +26,14 @@ def test_fsdp_matches_single_process(world_size):
         assert_runs_match([results[v] for results in per_rank], reference_run(cfg, batches), rtol=1e-5)
 
 
-def compile_worker(rank, world_size, cfg, batches):
-    return distributed_run(rank, world_size, cfg, batches)
-
-
 @pytest.mark.slow
 def test_compiled_blocks_match_eager():
-    cfg = small_config(**{"train.steps": "2", "model.n_layers": "2", "parallel.compile": "true"})
-    batches = global_batches(cfg, 2, 1)
-    compiled = run_on_ranks(compile_worker, 1, cfg, batches)
-    assert_runs_match(compiled, reference_run(cfg, batches), rtol=1e-5)
+    # With activation checkpointing first (configs/3b.toml): the second variant reuses most of its compiled graphs.
+    variants = []
+    for checkpoint in ("true", "false"):
+        cfg = small_config(**{"train.steps": "2", "model.n_layers": "2", "parallel.compile": "true",
+                              "parallel.activation_checkpoint": checkpoint})
+        variants.append((cfg, global_batches(cfg, 2, 1)))
+    (compiled,) = run_on_ranks(run_variants, 1, variants)
+    for (cfg, batches), run in zip(variants, compiled):
+        assert_runs_match([run], reference_run(cfg, batches), rtol=1e-5)

@@ -1,11 +1,14 @@
 """The trainer end to end: a plain process, non-finite steps, the bias update."""
 
+import math
+
 import pytest
 import torch
 
 import moe_dist.train
 from equivalence import global_batches, small_config, split, train_steps
 from moe_dist.checkpoint import verify
+from moe_dist.data.flags import IGNORE
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from runs import SMALL_MODEL, checkpoint_weights, read_metrics, run_trainer, trainer_args, trainer_command
@@ -105,6 +108,38 @@ def test_nonfinite_gradient_skips_the_update(monkeypatch):
     assert result.skipped and torch.tensor(result.loss).isfinite() and not torch.tensor(result.grad_norm).isfinite()
     assert not optimizer.state and scheduler.last_epoch == 0
     assert all(torch.equal(p, before[name]) and p.grad is None for name, p in model.named_parameters())
+
+
+def test_a_batch_without_targets_makes_no_update():
+    cfg = small_config()
+    model = Transformer(cfg.model, cfg.moe)
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    inputs, targets = split(global_batches(cfg, 1, 1)[0, 0])
+    result = moe_dist.train.train_step(model, optimizer, scheduler, [(inputs, torch.full_like(targets, IGNORE))],
+                                       cfg.optim.grad_clip)
+    # No loss to claim, and no update from a gradient that would be the aux loss's alone.
+    assert result.targets == 0 and math.isnan(result.loss) and not result.skipped
+    assert not optimizer.state and scheduler.last_epoch == 0
+    assert all(torch.equal(p, before[name]) and p.grad is None for name, p in model.named_parameters())
+
+
+def test_a_run_without_targets_says_so(monkeypatch, capsys, tmp_path, prepared_data):
+    real = moe_dist.train.to_device
+    monkeypatch.setattr(moe_dist.train, "to_device", lambda batch, device: real(
+        batch._replace(targets=torch.full_like(batch.targets, IGNORE)), device))  # train and validation batches
+    argv = trainer_args(tmp_path, prepared_data, *SMALL_MODEL, "--train.steps", "3", "--metrics.log_interval", "10")
+    assert moe_dist.train.main(argv) == 0
+    err = capsys.readouterr().err
+    for step in (1, 2, 3):
+        assert f"warning: step {step}: the global batch has no target that counts" in err
+    assert "warning: step 3: the validation batches (train.eval_steps = 1) have no target that counts" in err
+    records = read_metrics(tmp_path / "tiny")
+    train = [r for r in records if r["kind"] == "train"]
+    assert [r["step"] for r in train] == [1, 2, 3]  # step 2 too: every such step is logged
+    assert all(r["loss"] is None and r["targets"] == 0 and r["skipped"] for r in train)
+    assert [(r["val_loss"], r["val_perplexity"]) for r in records if r["kind"] == "eval"] == [(None, None)]
 
 
 def test_bias_updates_once_per_optimizer_step():

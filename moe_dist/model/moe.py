@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -84,8 +84,18 @@ class GroupedExperts(nn.Module):
         return grouped_swiglu(rows, w1, w3, w2, counts, self.backend)
 
 
+class MoEStats(NamedTuple):
+    """What one MoE layer's router did in one forward, returned beside the layer's output rather than stored on the
+    module: a forward that writes no module state is recomputed by activation checkpointing without writing it
+    again, and traced by torch.compile without side effects to replay (dynamo refuses them inside a checkpoint)."""
+
+    aux_loss: Tensor  # scalar, the router's coefficiented auxiliary losses
+    counts: Tensor  # [E] float, pairs routed to each expert over the whole (reduced) batch
+    dropped: Tensor  # scalar int64, pairs dropped by capacity on this process
+
+
 class MoE(nn.Module):
-    """Replaces the dense FFN of a block. Returns (output, aux_loss).
+    """Replaces the dense FFN of a block. Returns (output, MoEStats).
 
     The layer routes, sorts the (token, choice) pairs into groups, gathers the token rows in that
     order (permute), and sums each token's k expert outputs back (unpermute). `exchange` only moves
@@ -99,23 +109,19 @@ class MoE(nn.Module):
         self.shared_expert = FeedForward(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.exchange: Exchange = LocalExchange(cfg.num_experts)
-        # Read by the trainer after each forward, for metrics and the aux-free bias update.
-        self.last_counts: Tensor | None = None  # [E] pairs routed per expert, whole batch
-        self.last_dropped: Tensor | None = None  # pairs dropped by capacity on this rank
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def forward(self, x: Tensor) -> tuple[Tensor, MoEStats]:
         batch, seq_len, dim = x.shape
         tokens = x.reshape(-1, dim)
         route = self.router(tokens, seq_len)
-        self.last_counts = route.counts
-        self.last_dropped = (~route.keep).sum() if route.keep is not None else torch.zeros((), dtype=torch.int64)
+        dropped = (~route.keep).sum() if route.keep is not None else tokens.new_zeros((), dtype=torch.int64)
         plan = plan_routing(*self.exchange.group_of(route.expert_ids), route.keep)
         shared = functools.partial(self.shared, tokens) if self.shared_expert is not None else None
         rows, shared_out = self.experts(permute(tokens, plan), plan.counts, self.exchange, shared)
         out = unpermute(rows, plan, route.weights)
         if shared_out is not None:
             out = out + shared_out
-        return out.view(batch, seq_len, dim), route.aux_loss
+        return out.view(batch, seq_len, dim), MoEStats(route.aux_loss, route.counts, dropped)
 
     def shared(self, tokens: Tensor) -> Tensor:
         """The shared expert, sigmoid-gated where configured: every token goes through it."""

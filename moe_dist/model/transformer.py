@@ -5,13 +5,14 @@ from __future__ import annotations
 import hashlib
 import math
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from moe_dist.config import ModelConfig, MoEConfig
-from moe_dist.model.moe import FeedForward, MoE
+from moe_dist.model.moe import FeedForward, MoE, MoEStats
 
 
 def rotary_tables(head_dim: int, max_seq_len: int, theta: float, device=None) -> tuple[Tensor, Tensor]:
@@ -104,6 +105,13 @@ def is_moe_layer(layer_id: int, moe: MoEConfig) -> bool:
             and (layer_id - moe.first_k_dense) % moe.every_n_layers == 0)
 
 
+class Routing(NamedTuple):
+    """What the routers of the MoE layers did in one forward, for metrics and the aux-free bias update."""
+
+    counts: Tensor  # [moe layers, E] float, pairs routed to each expert over the whole (reduced) batch
+    dropped: Tensor  # [moe layers] int64, pairs dropped by capacity on this process
+
+
 class Block(nn.Module):
     def __init__(self, layer_id: int, cfg: ModelConfig, moe: MoEConfig):
         super().__init__()
@@ -113,13 +121,13 @@ class Block(nn.Module):
         self.ffn = MoE(cfg.dim, moe) if is_moe_layer(layer_id, moe) else FeedForward(cfg.dim, cfg.ffn_hidden)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, kv: tuple[Tensor, Tensor] | None = None,
-                start_pos: int = 0, mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                start_pos: int = 0, mask: Tensor | None = None) -> tuple[Tensor, MoEStats | None]:
+        """-> (x, the MoE layer's stats; None in a dense block)."""
         x = x + self.attention(self.attention_norm(x), cos, sin, kv, start_pos, mask)
         if isinstance(self.ffn, MoE):
-            out, aux_loss = self.ffn(self.ffn_norm(x))
-        else:
-            out, aux_loss = self.ffn(self.ffn_norm(x)), x.new_zeros((), dtype=torch.float32)
-        return x + out, aux_loss
+            out, stats = self.ffn(self.ffn_norm(x))
+            return x + out, stats
+        return x + self.ffn(self.ffn_norm(x)), None
 
 
 def truncated_normal_(tensor: Tensor, std: float, generator: torch.Generator) -> Tensor:
@@ -131,7 +139,8 @@ def truncated_normal_(tensor: Tensor, std: float, generator: torch.Generator) ->
 
 
 class Transformer(nn.Module):
-    """tokens [B, S] -> (logits [B, S, V], aux_loss summed over the MoE layers).
+    """tokens [B, S] -> (logits [B, S, V], aux_loss summed over the MoE layers), and with `routing` the MoE
+    layers' Routing as a third output (None without MoE layers).
 
     For inference, `cache` (a KVCache) keeps the keys and values of the positions before
     `start_pos`, so that only the new tokens need to be fed.
@@ -183,7 +192,8 @@ class Transformer(nn.Module):
         self.rope_sin.copy_(sin)
 
     def forward(self, tokens: Tensor, cache: KVCache | None = None, start_pos: int = 0,
-                segments: Tensor | None = None, positions: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                segments: Tensor | None = None, positions: Tensor | None = None,
+                routing: bool = False) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Routing | None]:
         """`segments` [B, S]: the document each token belongs to (packed windows); attention stays within a
         document. `positions` [B, S]: each token's rotary position, e.g. restarting at every document."""
         end = start_pos + tokens.shape[1]
@@ -198,8 +208,17 @@ class Transformer(nn.Module):
         mask = None if segments is None else document_causal_mask(segments)
         h = self.tok_embeddings(tokens)
         aux_loss = torch.zeros((), device=h.device)
+        moe_stats = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else (cache.k[i], cache.v[i])
-            h, layer_aux = layer(h, cos, sin, kv, start_pos, mask)
-            aux_loss = aux_loss + layer_aux
-        return self.output(self.norm(h)), aux_loss
+            h, stats = layer(h, cos, sin, kv, start_pos, mask)
+            if stats is not None:
+                aux_loss = aux_loss + stats.aux_loss
+                moe_stats.append(stats)
+        logits = self.output(self.norm(h))
+        if not routing:
+            return logits, aux_loss
+        if not moe_stats:
+            return logits, aux_loss, None
+        return logits, aux_loss, Routing(torch.stack([s.counts for s in moe_stats]),
+                                         torch.stack([s.dropped for s in moe_stats]))

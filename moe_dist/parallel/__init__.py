@@ -13,7 +13,7 @@ from torch.distributed.tensor import DTensor
 from moe_dist.config import ParallelConfig
 from moe_dist.model import Transformer, moe_layers
 from moe_dist.parallel.expert_parallel import apply_expert_parallel, auto_chunks
-from moe_dist.parallel.fsdp import apply_activation_checkpointing, apply_fsdp, mixed_precision
+from moe_dist.parallel.fsdp import apply_compile_and_checkpointing, apply_fsdp, mixed_precision
 
 
 def local_part(tensor: torch.Tensor) -> torch.Tensor:
@@ -40,11 +40,7 @@ def parallelize(model: Transformer, cfg: ParallelConfig, mesh: DeviceMesh, devic
             row_bytes = moe.experts.w1.shape[1] * mp_policy.param_dtype.itemsize
             chunks = cfg.ep_chunks or auto_chunks(device, tokens_per_rank * moe.router.top_k * row_bytes)
             apply_expert_parallel(moe, ep_mesh, chunks)
-    if cfg.activation_checkpoint:
-        apply_activation_checkpointing(model)
-    if cfg.compile:  # per block, in place (parameter names unchanged); the grouped GEMMs stay eager
-        for block in model.layers:
-            block.compile()
+    apply_compile_and_checkpointing(model, cfg.compile, cfg.activation_checkpoint)  # the grouped GEMMs stay eager
     if ep_mesh.size() > 1:
         # An expert sees the tokens of its whole EP group, so its summed gradient is ep times a
         # dense weight's: divide by the world size rather than by the dp_shard ranks alone.

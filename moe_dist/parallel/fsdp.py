@@ -1,4 +1,5 @@
-"""fully_shard per transformer block and at the root; mixed precision; activation checkpointing."""
+"""fully_shard per transformer block and at the root; mixed precision; torch.compile and activation checkpointing
+per block."""
 
 from __future__ import annotations
 
@@ -23,10 +24,19 @@ def mixed_precision(param_dtype: str, reduce_dtype: str, device: torch.device) -
     return MixedPrecisionPolicy(param_dtype=DTYPES[param_dtype], reduce_dtype=DTYPES[reduce_dtype])
 
 
-def apply_activation_checkpointing(model: Transformer) -> None:
-    """Recompute each block's activations in backward instead of keeping them."""
+def apply_compile_and_checkpointing(model: Transformer, compile: bool, checkpoint: bool) -> None:
+    """torch.compile each block in place (parameter names unchanged), then wrap it to recompute its activations
+    in backward instead of keeping them.
+
+    Compiled inside the checkpoint, not around it: dynamo captures a checkpoint only as one whole graph, and an MoE
+    block always breaks its graph at the grouped GEMMs (eager, they sync with the host), so a compiled checkpoint
+    ran its whole block eagerly.
+    """
     for i, block in enumerate(model.layers):
-        model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
+        if compile:
+            block.compile()
+        if checkpoint:
+            model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
 def expert_shard_dim(local_experts: int, ranks: int) -> int:
