@@ -24,11 +24,11 @@ from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import Tensor
 from torch.distributed.device_mesh import init_device_mesh
 
-from benchmarks.common import BlockedWaits, environment, human, markdown_table, parser, setup, write_results
+from benchmarks.common import (BlockedWaits, environment, human, init_rank, markdown_table, parser, setup, spawn,
+                               write_results)
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.parallel.expert_parallel import AllToAllExchange
@@ -85,11 +85,7 @@ def rank_times(fns: dict[str, Callable[[], object]], device: torch.device, repea
 
 def rank_main(rank: int, case: Case, device_type: str, threads: int, repeats: int, store: str, out: str) -> None:
     torch.set_num_threads(threads)
-    backend = "nccl" if device_type == "cuda" else "gloo"
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group(backend, init_method=f"file://{store}", rank=rank, world_size=case.world)
+    device = init_rank(rank, case.world, store, device_type).device
     BlockedWaits.install()
     try:
         dtype = torch.bfloat16 if device_type == "cuda" else torch.float32
@@ -173,8 +169,7 @@ def run_case(case: Case, device: torch.device, repeats: int) -> dict:
     threads = max(1, torch.get_num_threads() // case.world) if device.type == "cpu" else 1
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(rank_main, args=(case, device.type, threads, repeats, os.path.join(tmp, "store"), out),
-                 nprocs=case.world)
+        spawn(rank_main, (case, device.type, threads, repeats, os.path.join(tmp, "store"), out), case.world)
         with open(out) as f:
             timed = json.load(f)
     result = {**asdict(case), "threads_per_rank": threads, "bytes_per_rank": timed["bytes_per_rank"]}

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import shutil
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -27,7 +26,7 @@ from moe_dist.checkpoint import _Crc32Writer
 from moe_dist.config import load_config
 from moe_dist.files import file_crc32
 from moe_dist.optim import build_optimizer
-from moe_dist.parallel.mesh import build_mesh, init_distributed
+from moe_dist.parallel.mesh import build_mesh, exit_process, init_distributed
 from moe_dist.train import build_model
 
 
@@ -85,4 +84,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # it joined a process group

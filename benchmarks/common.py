@@ -7,6 +7,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import statistics
 import tempfile
 import time
@@ -18,16 +19,24 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 import moe_dist.parallel.expert_parallel as expert_parallel
+from moe_dist.parallel.mesh import Runtime, exit_process, init_distributed
 
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 
-# Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity), TFLOP/s; matched on the device name.
+# Dense bf16 tensor-core peaks from the vendor datasheets (no sparsity), TFLOP/s, by (model, variant): a device name
+# ("NVIDIA H200 NVL", "NVIDIA A100-SXM4-80GB") matches its model's word and the variant's, if any, as whole words;
+# the SXM part is the model alone. An NVL or PCIe part runs at a lower power limit, and so a lower peak.
 DATASHEET_BF16_TFLOPS = {
-    "H100 80GB HBM3": 989.4,  # the SXM part
-    "H100 PCIe": 756.0,
-    "H100 NVL": 835.0,
-    "H200": 989.4,
-    "A100": 312.0,
+    ("A100", ""): 312.0,
+    ("L40S", ""): 362.05,
+    ("H100", ""): 989.4,
+    ("H100", "PCIe"): 756.0,
+    ("H100", "NVL"): 835.0,
+    ("H800", ""): 989.4,
+    ("H800", "PCIe"): 756.0,
+    ("H200", ""): 989.4,
+    ("H200", "NVL"): 835.0,
+    ("B200", ""): 2250.0,
 }
 
 
@@ -81,7 +90,13 @@ def sync(device: torch.device) -> None:
 
 def median_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
                  warmup: int = 1, budget_s: float | None = None) -> dict[str, float]:
-    """Median seconds per call of each function, timed round-robin (each round starting one further
+    """Median seconds per call of each function, timed as `round_times` does."""
+    return {name: statistics.median(s) for name, s in round_times(fns, device, repeats, warmup, budget_s).items()}
+
+
+def round_times(fns: dict[str, Callable[[], object]], device: torch.device, repeats: int,
+                warmup: int = 1, budget_s: float | None = None) -> dict[str, list[float]]:
+    """Seconds of each function's call in each round, timed round-robin (each round starting one further
     along) so that noise from other work on a shared machine, and the allocator state a function
     leaves behind, fall on every implementation alike. With `budget_s`, slow functions get fewer
     repeats (at least 3), estimated from the warmup round."""
@@ -103,7 +118,7 @@ def median_times(fns: dict[str, Callable[[], object]], device: torch.device, rep
             fn()
             sync(device)
             samples[name].append(time.perf_counter() - start)
-    return {name: statistics.median(s) for name, s in samples.items()}
+    return samples
 
 
 def copy_bandwidth(device: torch.device, megabytes: int = 256, repeats: int = 10) -> float:
@@ -123,13 +138,16 @@ def matmul_flops(device: torch.device, dtype: torch.dtype, n: int = 2048, repeat
 
 def datasheet_peak(device: torch.device) -> float | None:
     """Dense bf16 FLOP/s from the datasheet for a known GPU, else None."""
-    if device.type != "cuda":
-        return None
-    name = torch.cuda.get_device_name(device)
-    for key, tflops in DATASHEET_BF16_TFLOPS.items():
-        if key in name:
-            return tflops * 1e12
-    return None
+    return peak_flops(torch.cuda.get_device_name(device)) if device.type == "cuda" else None
+
+
+def peak_flops(device_name: str) -> float | None:
+    """Dense bf16 FLOP/s of the GPU with this name (torch.cuda.get_device_name), None for one not in the table."""
+    words = set(re.split(r"[\s_-]+", device_name))
+    # The variant named in the device name, else the model's SXM part: "H200 NVL" is not taken for an H200.
+    found = [(variant, tflops) for (model, variant), tflops in DATASHEET_BF16_TFLOPS.items()
+             if model in words and (variant in words or not variant)]
+    return max(found)[1] * 1e12 if found else None
 
 
 def markdown_table(headers: list[str], rows: list[list[object]]) -> str:
@@ -157,14 +175,27 @@ def status_kib(field: str) -> int:
 RankMeasure = Callable[..., list[float]]
 
 
+def init_rank(rank: int, world: int, store: str, device_type: str) -> Runtime:
+    """Join the process group of `world` ranks meeting at the file `store`, through the trainer's own start: on
+    CUDA NCCL with gloo beside it, which the trainer's reductions of CPU tensors need (NCCL alone refuses them)."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank))
+    return init_distributed(device_type, init_method=f"file://{store}")
+
+
+def spawn(fn: Callable[..., None], args: tuple, nprocs: int) -> None:
+    """mp.spawn(fn, args, nprocs), each rank leaving as the trainer does (exit_process) once fn has returned."""
+    mp.spawn(_run_then_exit, args=(fn, args), nprocs=nprocs)
+
+
+def _run_then_exit(rank: int, fn: Callable[..., None], args: tuple) -> None:
+    fn(rank, *args)  # an exception goes back to mp.spawn, which reports it
+    exit_process(0)
+
+
 def _rank_main(rank: int, world: int, measure: RankMeasure, args: tuple, device_type: str, store: str,
                out: str) -> None:
     torch.set_num_threads(1)
-    device = torch.device("cuda", rank) if device_type == "cuda" else torch.device("cpu")
-    if device_type == "cuda":
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if device_type == "cuda" else "gloo", init_method=f"file://{store}",
-                            rank=rank, world_size=world)
+    device = init_rank(rank, world, store, device_type).device
     try:
         result = torch.tensor(measure(rank, world, device, *args), dtype=torch.float64, device=device)
         gathered = [torch.empty_like(result) for _ in range(world)]
@@ -180,15 +211,14 @@ def spawn_ranks(measure: RankMeasure, world: int, device_type: str, *args) -> li
     each rank's row of numbers, in rank order."""
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result.json")
-        mp.spawn(_rank_main, args=(world, measure, args, device_type, os.path.join(tmp, "store"), out),
-                 nprocs=world)
+        spawn(_rank_main, (world, measure, args, device_type, os.path.join(tmp, "store"), out), world)
         return json.loads(Path(out).read_text())
 
 
-def write_results(name: str, payload: dict) -> Path:
-    """benchmarks/results/<name>-<date>.json, and <name>-latest.json beside it."""
+def write_results(name: str, payload: dict, stamp: str | None = None) -> Path:
+    """benchmarks/results/<name>-<stamp>.json (by default the date and time now), and <name>-latest.json beside it."""
     RESULTS_DIR.mkdir(parents=True, exist_ok=True)
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    stamp = stamp or datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
     path = RESULTS_DIR / f"{name}-{stamp}.json"
     text = json.dumps(payload, indent=1)
     path.write_text(text)

@@ -20,9 +20,8 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from benchmarks.common import BlockedWaits
+from benchmarks.common import BlockedWaits, init_rank, spawn
 
 from moe_dist.config import load_config
 from moe_dist.optim import build_optimizer, build_scheduler
@@ -60,12 +59,7 @@ def time_steps(rank: int, world: int, config: str, ep: int, chunks: int, steps: 
 
 def worker(rank: int, world: int, store_dir: str, config: str, steps: int) -> None:
     torch.set_num_threads(1)
-    use_cuda = torch.cuda.is_available()
-    device = torch.device("cuda", rank) if use_cuda else torch.device("cpu")
-    if use_cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if use_cuda else "gloo", init_method=f"file://{store_dir}/store",
-                            rank=rank, world_size=world)
+    device = init_rank(rank, world, f"{store_dir}/store", "auto").device
     BlockedWaits.install()
     layouts = [(1, 1)] + [(world, c) for c in CHUNKS]
     medians = {}
@@ -106,7 +100,7 @@ def main() -> None:
     args = parser.parse_args()
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     with tempfile.TemporaryDirectory() as store_dir:
-        mp.spawn(worker, args=(args.world, store_dir, args.config, args.steps), nprocs=args.world)
+        spawn(worker, (args.world, store_dir, args.config, args.steps), args.world)
 
 
 if __name__ == "__main__":

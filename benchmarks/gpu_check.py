@@ -8,28 +8,35 @@
 4. With two or more GPUs: FSDP2 and EP on NCCL against one GPU on the same global batch (fp32, TF32 off),
    and the EP exchange's round trip and overlap at 1, 2 and 4 chunks (benchmarks/all_to_all.py).
 
-Writes gpu_check-<date>.json and gpu_check-latest.md in benchmarks/results/. Without a CUDA device it says so
-in one line and exits 0.
+Shows the backend `auto` picks on this GPU for bf16 and fp32. Writes gpu_check-<date>.json and gpu_check-latest.md
+in benchmarks/results/, again after each section, so that a later section's crash keeps what came before. Without a
+CUDA device it says so in one line and exits 0; where a GPU is visible (nvidia-smi, CUDA_VISIBLE_DEVICES) but torch
+cannot use it, it says so in one line and exits 1.
 """
 
 from __future__ import annotations
 
+import datetime
 import os
+import shutil
+import subprocess
 import sys
 import tempfile
+from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from benchmarks import all_to_all
-from benchmarks.common import RESULTS_DIR, datasheet_peak, environment, markdown_table, matmul_flops, write_results
+from benchmarks.common import (RESULTS_DIR, datasheet_peak, environment, init_rank, markdown_table, matmul_flops,
+                               spawn, write_results)
 from benchmarks.routing import Case, check, make_layer, run_case, working_backends
 from benchmarks.train_step import Run, run_config
-from kernels.grouped_mm import grouped_swiglu
+from kernels.grouped_mm import grouped_swiglu, select_backend
 from moe_dist.config import load_config
 from moe_dist.optim import build_optimizer, build_scheduler
-from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.parallel.mesh import build_mesh, exit_process
 from moe_dist.train import build_model, train_step
 
 SPEEDUP_TARGET = 5.0
@@ -65,6 +72,21 @@ def empty_chunk(device: torch.device) -> list[list]:
     return rows
 
 
+def auto_backends(device: torch.device) -> list[list]:
+    """[dtype, compute capability, backend]: what `auto` runs the experts with on this GPU (torch._grouped_mm has a
+    fast kernel only for bf16 on sm90 and sm100)."""
+    major, minor = torch.cuda.get_device_capability(device)
+    rows = []
+    counts = torch.full((4,), 16, device=device)
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.zeros(64, 512, device=device, dtype=dtype)
+        weights = [torch.zeros(4, *shape, device=device, dtype=dtype)
+                   for shape in ((512, 1024), (512, 1024), (1024, 512))]
+        backend = select_backend(x, *weights, counts=counts)
+        rows.append([str(dtype).removeprefix("torch."), f"sm{major}{minor}", backend])
+    return rows
+
+
 def routing_speedups(device: torch.device) -> list[dict]:
     """fwd+bwd speedup of the batched layer (auto backend) over the loop, bf16, the small config's widths."""
     results = []
@@ -87,16 +109,15 @@ def train_step_mfu(device: torch.device) -> dict:
 
 def equivalence_run(rank: int, world: int, ep: int, store: str, out: str) -> None:
     """EQUIVALENCE_STEPS fp32 steps on this rank's part of fixed global batches; rank 0 writes the results."""
-    torch.cuda.set_device(rank)
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
-    dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
+    runtime = init_rank(rank, world, store, "cuda")
     try:
         # Two chunks: auto would run these small layers unchunked, and the overlap is what NCCL must get right.
         cfg = load_config("tiny", {"parallel.ep": str(ep), "parallel.ep_chunks": "2", "parallel.param_dtype": "float32",
                                    "moe.top_k": "2"})
-        device = torch.device("cuda", rank)
-        model = build_model(cfg, build_mesh(cfg, world, "cuda"), Runtime(rank, world, rank, device))
+        device = runtime.device
+        model = build_model(cfg, build_mesh(cfg, world, "cuda"), runtime)
         optimizer = build_optimizer(model, cfg.optim, device)
         scheduler = build_scheduler(optimizer, cfg.optim, EQUIVALENCE_STEPS)
         per_rank = 4 // world
@@ -121,7 +142,7 @@ def nccl_equivalence() -> list[list]:
     for world, ep in layouts:
         with tempfile.TemporaryDirectory() as tmp:
             out = os.path.join(tmp, "steps.pt")
-            mp.spawn(equivalence_run, args=(world, ep, os.path.join(tmp, "store"), out), nprocs=world)
+            spawn(equivalence_run, (world, ep, os.path.join(tmp, "store"), out), world)
             runs[(world, ep)] = torch.load(out)
     reference = runs.pop((1, 1))
     rows = []
@@ -131,56 +152,113 @@ def nccl_equivalence() -> list[list]:
     return rows
 
 
+def visible_gpus() -> str | None:
+    """What says a GPU is here whether or not torch can use it (nvidia-smi's list, CUDA_VISIBLE_DEVICES), or None."""
+    if shutil.which("nvidia-smi"):
+        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
+        if gpus:
+            return f"nvidia-smi lists {len(gpus)} GPU(s)"
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES", "")
+    if visible.strip() not in ("", "-1", "NoDevFiles"):
+        return f"CUDA_VISIBLE_DEVICES={visible}"
+    return None
+
+
+class Report:
+    """The markdown report and the JSON results, both rewritten on disk as each section is added: a section that
+    crashes (or a machine taken back half-way) leaves every earlier section's results there."""
+
+    def __init__(self, title: str, payload: dict):
+        self.lines, self.payload = [title, ""], dict(payload)
+        self.stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+        self.path: Path | None = None  # the JSON, once a section is in
+
+    def add(self, key: str, value: object, markdown: str) -> None:
+        self.payload[key] = value
+        self.lines += [markdown, ""]
+        print(markdown + "\n", flush=True)
+        self.path = write_results("gpu_check", self.payload, self.stamp)
+        (RESULTS_DIR / "gpu_check-latest.md").write_text("\n".join(self.lines))
+
+
+# (JSON key, what measures it, its markdown)
+Section = tuple[str, Callable[[], object], Callable[[object], str]]
+
+
+def run_sections(report: Report, sections: list[Section]) -> None:
+    for key, measure, render in sections:
+        value = measure()
+        report.add(key, value, render(value))
+
+
+def speedups_table(speedups: list[dict]) -> str:
+    return markdown_table(["routing, bf16, T=8192 k=2 D=512 H=1024, fwd+bwd", "backend", "speedup over the loop",
+                           f"target >= {SPEEDUP_TARGET:.0f}x"],
+                          [[f"E={r['experts']}", r["backend"], f"{r['speedup']:.1f}x",
+                            "met" if r["speedup"] >= SPEEDUP_TARGET else "NOT met"] for r in speedups])
+
+
+def step_table(step: dict) -> str:
+    return markdown_table(["train step, small config, bf16, compiled", "tokens/s", "peak TFLOP/s", "MFU",
+                           f"target >= {MFU_TARGET:.0%}"],
+                          [["1 GPU", f"{step['tokens_per_s']:.0f}", f"{step['peak_flops'] / 1e12:.0f}",
+                            f"{step['mfu']:.1%}", "met" if step["mfu"] >= MFU_TARGET else "NOT met"]])
+
+
+def equivalence_table(equivalence: list[list]) -> str:
+    if not equivalence:
+        return "NCCL equivalence: one GPU only, not run."
+    return markdown_table([f"NCCL vs one GPU, tiny, fp32, {EQUIVALENCE_STEPS} steps (loss, grad norm)",
+                           "worst relative difference", f"<= {EQUIVALENCE_RTOL:.0e}"], equivalence)
+
+
+def overlap_table(overlap: list[dict]) -> str:
+    if not overlap:
+        return "EP exchange overlap: needs 2 GPUs, not run."
+    # Layer time against one chunk: the hidden fraction, read off blocked waits, needs a host that blocks.
+    return markdown_table(["EP exchange, bf16, identity / SwiGLU experts", "pass",
+                           *[f"exchange/bare c={c}" for c in all_to_all.CHUNKS],
+                           *[f"layer c={c} / c=1" for c in all_to_all.CHUNKS]],
+                          [[f"world {r['world']}, {r['tokens']} tokens/rank, D={r['dim']}", p,
+                            *[f"{r[p][f'ratio c={c}']:.2f}x" for c in all_to_all.CHUNKS],
+                            *[f"{r[p][f'layer ratio c={c}']:.2f}x" for c in all_to_all.CHUNKS]]
+                           for r in overlap for p in ("fwd", "fwd+bwd")])
+
+
 def main(argv: list[str] | None = None) -> int:
     if not torch.cuda.is_available():
-        print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
-        return 0
+        seen = visible_gpus()
+        if seen is None:
+            print("gpu-check: no CUDA device here (torch.cuda.is_available() is False); nothing to check")
+            return 0
+        why = ("a CPU build; make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 installs a CUDA one"
+               if torch.version.cuda is None else f"is the NVIDIA driver older than CUDA {torch.version.cuda}?")
+        print(f"gpu-check: {seen} but torch {torch.__version__} cannot use it (torch.version.cuda = "
+              f"{torch.version.cuda}: {why})", file=sys.stderr)
+        return 1
     device = torch.device("cuda")
+    gpus = torch.cuda.device_count()
     env = environment(device)
-    parity = kernel_parity(device)
-    speedups = routing_speedups(device)
-    step = train_step_mfu(device)
-    equivalence = nccl_equivalence() if torch.cuda.device_count() > 1 else []
-    overlap = [all_to_all.run_case(case, device, repeats=10) for case in all_to_all.QUICK
-               if case.world <= torch.cuda.device_count()]
-    lines = [f"## gpu-check: {env['device']} x {torch.cuda.device_count()}, torch {env['torch']}, {env['date']}", "",
-             "Kernel parity with the per-expert loop (T=4096, k=2, D=512, H=1024; worst relative error of the "
-             "output and five gradients):", "",
-             markdown_table(["dtype", "E", "backend", "error"], parity), "",
-             markdown_table(["routing, bf16, T=8192 k=2 D=512 H=1024, fwd+bwd", "backend", "speedup over the loop",
-                             f"target >= {SPEEDUP_TARGET:.0f}x"],
-                            [[f"E={r['experts']}", r["backend"], f"{r['speedup']:.1f}x",
-                              "met" if r["speedup"] >= SPEEDUP_TARGET else "NOT met"] for r in speedups]), "",
-             markdown_table(["train step, small config, bf16, compiled", "tokens/s", "peak TFLOP/s", "MFU",
-                             f"target >= {MFU_TARGET:.0%}"],
-                            [["1 GPU", f"{step['tokens_per_s']:.0f}", f"{step['peak_flops'] / 1e12:.0f}",
-                              f"{step['mfu']:.1%}", "met" if step["mfu"] >= MFU_TARGET else "NOT met"]]), ""]
-    if equivalence:
-        lines += [markdown_table([f"NCCL vs one GPU, tiny, fp32, {EQUIVALENCE_STEPS} steps (loss, grad norm)",
-                                  "worst relative difference", f"<= {EQUIVALENCE_RTOL:.0e}"], equivalence), ""]
-    else:
-        lines += ["NCCL equivalence: one GPU only, not run.", ""]
-    if overlap:
-        # Layer time against one chunk: the hidden fraction, read off blocked waits, needs a host that blocks.
-        lines += [markdown_table(["EP exchange, bf16, identity / SwiGLU experts", "pass",
-                                  *[f"exchange/bare c={c}" for c in all_to_all.CHUNKS],
-                                  *[f"layer c={c} / c=1" for c in all_to_all.CHUNKS]],
-                                 [[f"world {r['world']}, {r['tokens']} tokens/rank, D={r['dim']}", p,
-                                   *[f"{r[p][f'ratio c={c}']:.2f}x" for c in all_to_all.CHUNKS],
-                                   *[f"{r[p][f'layer ratio c={c}']:.2f}x" for c in all_to_all.CHUNKS]]
-                                  for r in overlap for p in ("fwd", "fwd+bwd")]), ""]
-    else:
-        lines += ["EP exchange overlap: needs 2 GPUs, not run.", ""]
-    report = "\n".join(lines)
-    print(report)
-    path = write_results("gpu_check", {**env, "gpus": torch.cuda.device_count(), "parity": parity,
-                                       "routing_speedups": speedups, "train_step": step, "equivalence": equivalence,
-                                       "overlap": overlap})
-    (RESULTS_DIR / "gpu_check-latest.md").write_text(report + "\n")
-    print(f"results: {path}")
-    failed = any(row[-1] == "DIFFERS" for row in equivalence + parity)
+    report = Report(f"## gpu-check: {env['device']} x {gpus}, torch {env['torch']}, {env['date']}",
+                    {**env, "gpus": gpus})
+    run_sections(report, [
+        ("parity", lambda: kernel_parity(device),
+         lambda parity: "Kernel parity with the per-expert loop (T=4096, k=2, D=512, H=1024; worst relative error of "
+                        "the output and five gradients):\n\n"
+                        + markdown_table(["dtype", "E", "backend", "error"], parity)),
+        ("auto_backends", lambda: auto_backends(device),
+         lambda rows: markdown_table(["auto backend for the experts: dtype", "compute capability", "backend"], rows)),
+        ("routing_speedups", lambda: routing_speedups(device), speedups_table),
+        ("train_step", lambda: train_step_mfu(device), step_table),
+        ("equivalence", lambda: nccl_equivalence() if gpus > 1 else [], equivalence_table),
+        ("overlap", lambda: [all_to_all.run_case(case, device, repeats=10) for case in all_to_all.QUICK
+                             if case.world <= gpus], overlap_table),
+    ])
+    print(f"results: {report.path}")
+    failed = any(row[-1] == "DIFFERS" for row in report.payload["equivalence"] + report.payload["parity"])
     return 1 if failed else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # it joined a process group (the training step's)

@@ -11,6 +11,7 @@ dense is the same SwiGLU kernel on T*k rows with one expert's weights: the same 
 
 from __future__ import annotations
 
+import statistics
 import sys
 from dataclasses import asdict, dataclass
 from collections.abc import Callable
@@ -18,7 +19,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from benchmarks.common import (copy_bandwidth, environment, human, markdown_table, median_times, parser,
+from benchmarks.common import (copy_bandwidth, environment, human, markdown_table, median_times, parser, round_times,
                                setup, write_results)
 from kernels.grouped_mm import _aligned, _grouped_mm_runs, grouped_swiglu, select_backend
 from kernels.reference import moe_loop
@@ -129,8 +130,8 @@ def check(layer: Layer, backends: list[str]) -> dict[str, float]:
 
 
 def layer_times(case: Case, layer: Layer, backends: list[str], device: torch.device, repeats: int,
-                budget_s: float) -> dict[str, dict[str, float]]:
-    """{pass: {implementation: median seconds}} for the loop, each backend, auto and the dense reference."""
+                budget_s: float) -> dict[str, dict[str, list[float]]]:
+    """{pass: {implementation: seconds in each round}} for the loop, each backend, auto and the dense reference."""
     # dense: the same expert kernel with one expert owning all T*k rows, so the difference is routing alone.
     dense_x = torch.randn(case.tokens * case.top_k, case.dim, device=device, dtype=layer.x.dtype, requires_grad=True)
     dense_w = [w[:1].detach().clone().requires_grad_() for w in (layer.w1, layer.w3, layer.w2)]
@@ -143,9 +144,9 @@ def layer_times(case: Case, layer: Layer, backends: list[str], device: torch.dev
     impls["dense"] = ((lambda: grouped_swiglu(dense_x, *dense_w, dense_counts)), (dense_x, *dense_w),
                       torch.randn_like(dense_x))
     with torch.no_grad():
-        forward = median_times({n: fn for n, (fn, _, _) in impls.items()}, device, repeats, budget_s=budget_s)
-    backward = median_times({n: (lambda fn=fn, i=i, g=g: torch.autograd.grad(fn(), i, g))
-                             for n, (fn, i, g) in impls.items()}, device, repeats, budget_s=budget_s)
+        forward = round_times({n: fn for n, (fn, _, _) in impls.items()}, device, repeats, budget_s=budget_s)
+    backward = round_times({n: (lambda fn=fn, i=i, g=g: torch.autograd.grad(fn(), i, g))
+                            for n, (fn, i, g) in impls.items()}, device, repeats, budget_s=budget_s)
     return {"fwd": forward, "fwd+bwd": backward}
 
 
@@ -180,11 +181,15 @@ def run_case(case: Case, device: torch.device, dtype: torch.dtype, repeats: int,
     times = layer_times(case, layer, backends, device, repeats, budget_s)
     bandwidth = kernel_bandwidth(case, layer, device, repeats)
     results = []
-    for pass_name, t in times.items():
+    for pass_name, rounds in times.items():
+        t = {name: statistics.median(s) for name, s in rounds.items()}
+        best = min(backends, key=t.get)
         results.append({**asdict(case), "pass": pass_name, "auto_backend": auto[pass_name], "max_rel_error": errors,
                         "seconds": t, "tokens_per_s": {name: case.tokens / s for name, s in t.items()},
                         "speedup": {b: t["loop"] / t[b] for b in (*backends, "auto")},
-                        "auto_vs_best": t["auto"] / min(t[b] for b in backends),
+                        # Paired by round, as auto and the best backend ran side by side: a stretch of other work on
+                        # the machine slows both alike, where it would move one median and not the other.
+                        "auto_vs_best": statistics.median(a / b for a, b in zip(rounds["auto"], rounds[best])),
                         "routing_overhead": 1 - t["dense"] / t["auto"],
                         "bytes_per_s": bandwidth[pass_name]})
     return results
@@ -244,18 +249,21 @@ def targets(results: list[dict], copy_bps: float) -> list[dict]:
 def main(argv: list[str] | None = None) -> int:
     p = parser(__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=10.0, help="seconds per timed round above which repeats drop to 3")
+    p.add_argument("--case", action="append", metavar="T,E,K,D,H", help="only this case (repeatable), e.g. "
+                   "8192,128,2,256,512")
     args = p.parse_args(argv)
     device = setup(args)
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32  # CPU bf16 matmuls are emulated, slow
-    cases = FULL if args.full else QUICK
+    cases = [Case(*map(int, c.split(","))) for c in args.case] if args.case else FULL if args.full else QUICK
+    sweep = "chosen" if args.case else "full" if args.full else "quick"
     env = environment(device)
     copy_bps = copy_bandwidth(device)
     print(f"## routing: one MoE layer, {env['device']}, torch {env['torch']}, {env['threads']} threads, {dtype}, "
-          f"{'full' if args.full else 'quick'} sweep ({len(cases)} cases)\n\ncopy bandwidth (256 MB dst.copy_(src), "
+          f"{sweep} sweep ({len(cases)} cases)\n\ncopy bandwidth (256 MB dst.copy_(src), "
           f"read + write): {copy_bps / 1e9:.1f} GB/s", flush=True)
     if device.type == "cpu":
         print(f"CPU tensors on transparent huge pages: THP_MEM_ALLOC_ENABLE={env['thp_mem_alloc']}. GPU path "
-              "(bf16, torch._grouped_mm on sm90+): not run, no CUDA device.")
+              "(bf16, torch._grouped_mm on sm90/sm100): not run, no CUDA device.")
     print()
     results = []
     for case in cases:
@@ -267,7 +275,8 @@ def main(argv: list[str] | None = None) -> int:
     backends = [b for b in results[0]["speedup"] if b != "auto"]
     print(table(results, copy_bps, backends))
     print("\nspeedup: loop time / batched time with auto (auto: the backend it ran); per-backend columns likewise. "
-          "auto / best: auto's time over the fastest backend's, auto timed after its one-time measurement. "
+          "auto / best: auto's time over the fastest backend's in the same round, the median over rounds, auto "
+          "timed after its one-time measurement. "
           "overhead: 1 - dense time / auto's layer time, dense = the same SwiGLU kernel with one expert (same FLOPs, "
           "no routing). "
           "GB/s: rows read + written, fwd+bwd rows count both passes; above 100% where the rows fit in cache "
@@ -277,8 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         verdict = "n/a" if t["met"] is None else "met" if t["met"] else "NOT met"
         value = "" if t["value"] is None else f"{t['value']:.2f}, "
         print(f"- {t['target']}: {value}{t['decided_by']} -> {verdict}")
-    path = write_results("routing", {"benchmark": "routing", **env, "dtype": str(dtype), "sweep": "full" if args.full
-                                     else "quick", "copy_bytes_per_s": copy_bps, "results": results, "targets": found})
+    path = write_results("routing", {"benchmark": "routing", **env, "dtype": str(dtype), "sweep": sweep,
+                                     "copy_bytes_per_s": copy_bps, "results": results, "targets": found})
     print(f"\nresults: {path}")
     return 0
 

@@ -11,7 +11,6 @@ step's, measured in the same run.
 from __future__ import annotations
 
 import statistics
-import sys
 import time
 from dataclasses import asdict, dataclass, replace
 
@@ -24,7 +23,7 @@ from moe_dist.config import Config, load_config
 from moe_dist.data.loader import Batch
 from moe_dist.model import moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
-from moe_dist.parallel.mesh import build_mesh, init_distributed
+from moe_dist.parallel.mesh import build_mesh, exit_process, init_distributed
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.train import build_model, train_step
 
@@ -130,4 +129,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # it joined a process group

@@ -1,20 +1,21 @@
 """Expert GEMMs over variable-size groups of rows, with the fastest backend that works.
 
 Rows arrive grouped by expert (`counts[e]` consecutive rows for expert e). Backends:
-- grouped_mm: `torch._grouped_mm`, one kernel for all groups (CUDA sm90+, and CPU fp32/bf16).
+- grouped_mm: `torch._grouped_mm`, one kernel for all groups (CUDA sm90/sm100 bf16, and CPU fp32/bf16).
   `grouped_swiglu` fuses the activation into its own backward and, on CPU, runs in chunks of rows.
 - padded: scatter the groups into an [E, max_count, D] buffer and use one `bmm` per projection.
 - loop: one matmul per expert; the reference and a fallback, never chosen by "auto".
-"auto" follows a rule by group size, and on CPU, where the data says the rule is unsure, times both
-backends once per shape bucket and process (`select_backend`).
+"auto" follows a rule by device, compute capability, dtype and group size (`rule_backend`), and on CPU, where the
+data says the rule is unsure, times both backends once per shape bucket and process until one clearly wins
+(`select_backend`).
 """
 
 from __future__ import annotations
 
 import bisect
 import functools
-import statistics
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -55,7 +56,25 @@ def _aligned(*tensors: Tensor) -> bool:
 # spite of the padding (benchmarks/RESULTS.md). Bigger groups, or skewed ones, pay for the padding.
 CPU_PADDED_MAX_ROWS = 64
 
-# Where the rule above is unsure on CPU: in benchmarks/RESULTS.md and its JSON runs its pick lost to the
+# CUDA runs torch._grouped_mm as one grouped kernel only for bf16 on sm90 and sm100 (compute capability 9.x and
+# 10.x); anywhere else (A100, L40S, fp32 on any GPU) it loops over the groups with one matmul each, after copying
+# the offsets to the host. One padded bmm per projection beats that, and syncs with the host just the same.
+CUDA_FAST_GROUPED_MM_MAJORS = (9, 10)
+
+
+def rule_backend(device_type: str, capability: tuple[int, int] | None, dtype: torch.dtype,
+                 max_rows: int | None) -> str:
+    """The rule's backend for operands on which torch._grouped_mm runs: from the device type, the CUDA compute
+    capability (None off CUDA), the dtype and the largest group's rows (None where reading it costs a host sync)."""
+    if device_type == "cuda":
+        fast = capability is not None and capability[0] in CUDA_FAST_GROUPED_MM_MAJORS and dtype == torch.bfloat16
+        return "grouped_mm" if fast else "padded"
+    if device_type == "cpu" and max_rows is not None and max_rows <= CPU_PADDED_MAX_ROWS:
+        return "padded"
+    return "grouped_mm"
+
+
+# Where the rule is unsure on CPU: in benchmarks/RESULTS.md and its JSON runs its pick lost to the
 # other backend by 6-60%, in both directions, whenever the largest group had between about 20 and 300 rows
 # (fwd and fwd+bwd often disagreeing, the crossover moving between runs and machines); it won or tied
 # every row with more. There `auto` measures instead of guessing.
@@ -72,12 +91,14 @@ def select_backend(x: Tensor, *weights: Tensor, counts: Tensor | None = None) ->
     """The fastest backend that works for `grouped_mm(x, w)` or `grouped_swiglu(x, w1, w3, w2)`; never "loop"."""
     if not (_aligned(x, *weights) and _grouped_mm_runs(x.device.type, x.dtype)):
         return "padded"
-    if counts is None or x.device.type != "cpu":
-        # On CUDA the rule stands: no timings in RESULTS.md say it is wrong there, and padded syncs with the host
-        # on every call, a cost that a synchronized one-off timing would not charge it for.
-        return "grouped_mm"
+    device_type = x.device.type
+    if counts is None or device_type != "cpu":
+        # No timing off CPU: none in RESULTS.md says the rule is wrong there, and padded syncs with the host on
+        # every call, a cost that a synchronized one-off timing would not charge it for.
+        capability = torch.cuda.get_device_capability(x.device) if device_type == "cuda" else None
+        return rule_backend(device_type, capability, x.dtype, None)
     max_rows = int(counts.max())  # reading counts is a host sync, free on CPU only
-    rule = "padded" if max_rows <= CPU_PADDED_MAX_ROWS else "grouped_mm"
+    rule = rule_backend(device_type, None, x.dtype, max_rows)
     low, high = CPU_MEASURED_ROWS
     flops = 2 * x.shape[0] * sum(w[0].numel() for w in weights)
     if not (low < max_rows <= high and flops >= MEASURE_MIN_FLOPS):
@@ -86,7 +107,7 @@ def select_backend(x: Tensor, *weights: Tensor, counts: Tensor | None = None) ->
     backward = torch.is_grad_enabled() and any(t.requires_grad for t in (x, *weights))
     key = (x.device.type, x.dtype, *(tuple(w.shape) for w in weights), _pow2(x.shape[0]), _pow2(max_rows), backward)
     if key not in MEASURED_BACKENDS:
-        MEASURED_BACKENDS[key] = _clear_winner(rule, _time_backends(x, weights, counts, backward))
+        MEASURED_BACKENDS[key] = _measured_choice(rule, x, weights, counts, backward)
     return MEASURED_BACKENDS[key]
 
 
@@ -94,23 +115,69 @@ def _pow2(n: int) -> int:
     return 1 << max(n - 1, 0).bit_length()
 
 
-# How much faster the other backend must be, by the median of the rounds, to override the rule.
+# How much faster the other backend must be to override the rule.
 CLEAR_WIN = 1.05
+# Timed rounds: one call of each backend, after WARMUP_ROUNDS untimed ones (first calls pay for allocations and
+# page faults; on CPU one round was not enough). On a shared machine one call in three can be 2-3x slow, and a
+# median of three rounds picked a backend 1.5x slower (benchmarks/RESULTS.md): rounds go on until the margin is
+# clear, and the rule stands where it never is.
+WARMUP_ROUNDS = 2
+MIN_ROUNDS, MAX_ROUNDS = 3, 11
 
 
-def _clear_winner(rule: str, times: dict[str, list[float]]) -> str:
-    """The rule's pick unless the other backend's median time beats it by CLEAR_WIN."""
+def _measured_choice(rule: str, x: Tensor, weights: tuple[Tensor, ...], counts: Tensor, backward: bool) -> str:
+    """The other backend where it is clearly faster than the rule's on these operands, else the rule's."""
+    other = "grouped_mm" if rule == "padded" else "padded"
+    call = _backend_call(x, weights, counts, backward)
+    ratios: list[float] = []  # per round: the other backend's time over the rule's
+    # The first call may come from an activation-checkpointed block: as for the probe above, identity hooks keep
+    # what the timing saves out of that block's saved tensors.
+    with saved_tensors_hooks(lambda t: t, lambda t: t):
+        for _ in range(WARMUP_ROUNDS):
+            call(rule)
+            call(other)
+        for r in range(MAX_ROUNDS):
+            # Alternate the order: drift, and the state one backend leaves for the next, fall on both alike.
+            seconds = _time_round(call, (rule, other) if r % 2 else (other, rule))
+            ratios.append(seconds[other] / seconds[rule])
+            choice = _clear_choice(rule, other, ratios)
+            if choice is not None:
+                return choice
+    return rule
+
+
+def _clear_choice(rule: str, other: str, ratios: list[float]) -> str | None:
+    """The backend the ratios (other / rule, one per round) clearly favour, or None while they are unsure."""
+    if len(ratios) < MIN_ROUNDS:
+        return None
+    # A confidence interval of the median ratio from order statistics: a quarter of the rounds at either end
+    # may be outliers (a slow call of either backend) without moving it. Paired ratios rather than each
+    # backend's own times: a stretch of contention slows both calls of a round alike.
+    ordered = sorted(ratios)
+    trim = len(ordered) // 4
+    low, high = ordered[trim], ordered[-1 - trim]
+    if high * CLEAR_WIN < 1:
+        return other
     # Overriding only on a clear win keeps near-ties on the rule, so that noise flips fewer choices between
     # processes (another backend changes the numbers in their last bits; a resumed run takes its checkpoint's
     # choices, but a fresh run measures afresh).
-    # The median, as one round in three can be 20% slow on a quiet 2-core VM.
-    other = "grouped_mm" if rule == "padded" else "padded"
-    return other if statistics.median(times[other]) * CLEAR_WIN < statistics.median(times[rule]) else rule
+    if low * CLEAR_WIN >= 1:
+        return rule
+    return None
 
 
-def _time_backends(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor, backward: bool, warmup: int = 2,
-                   rounds: int = 3) -> dict[str, list[float]]:
-    """Seconds per call of each backend on these operands, in `rounds` interleaved rounds after `warmup` ones."""
+def _time_round(call: Callable[[str], None], order: tuple[str, str]) -> dict[str, float]:
+    """Seconds of one call of each backend, in this order."""
+    seconds = {}
+    for backend in order:
+        start = time.perf_counter()
+        call(backend)
+        seconds[backend] = time.perf_counter() - start
+    return seconds
+
+
+def _backend_call(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor, backward: bool) -> Callable[[str], None]:
+    """call(backend): the experts on these operands, forward or forward+backward, leaving the caller's state alone."""
     op = grouped_swiglu if len(weights) == 3 else grouped_mm
 
     def call(backend: str) -> None:
@@ -125,19 +192,7 @@ def _time_backends(x: Tensor, weights: tuple[Tensor, ...], counts: Tensor, backw
             out = op(*inputs, counts, backend)
             out.backward(torch.ones_like(out))
 
-    times: dict[str, list[float]] = {"grouped_mm": [], "padded": []}
-    # The first call may come from an activation-checkpointed block: as for the probe above, identity hooks keep
-    # what the timing saves out of that block's saved tensors.
-    with saved_tensors_hooks(lambda t: t, lambda t: t):
-        for _ in range(warmup):  # first calls pay for allocations and page faults; on CPU one round was not enough
-            for backend in times:
-                call(backend)
-        for r in range(rounds):
-            for backend in list(times)[::1 if r % 2 else -1]:  # alternate the order: drift falls on both alike
-                start = time.perf_counter()
-                call(backend)
-                times[backend].append(time.perf_counter() - start)
-    return times
+    return call
 
 
 class _GroupedMM(torch.autograd.Function):
