@@ -25,13 +25,15 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.filesystem import FileSystem
 from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
                                                      set_model_state_dict, set_optimizer_state_dict)
 
 import kernels.grouped_mm
 from moe_dist.config import CheckpointConfig
-from moe_dist.files import file_crc32, swap_in, write_atomically
+from moe_dist.parallel.agreement import first_problem
+from moe_dist.files import WriteError, file_crc32, refused_write, swap_in, write_atomically
 
 COMPLETE = "COMPLETE"
 LATEST = "latest"
@@ -86,13 +88,18 @@ class _Crc32FileSystem(FileSystem):
 
     @contextmanager
     def create_stream(self, path, mode: str) -> Iterator[io.IOBase]:
-        with super().create_stream(path, mode) as stream:
-            if "w" not in mode:
-                yield stream
-                return
-            with ThreadPoolExecutor(1, thread_name_prefix="crc32") as pool:
-                tracked = _Crc32Stream(stream, pool)
-                yield tracked
+        try:
+            with super().create_stream(path, mode) as stream:
+                if "w" not in mode:
+                    yield stream
+                    return
+                with ThreadPoolExecutor(1, thread_name_prefix="crc32") as pool:
+                    tracked = _Crc32Stream(stream, pool)
+                    yield tracked
+        except OSError as e:  # a failed write or close names no file: say which one
+            if e.filename:
+                raise
+            raise OSError(e.errno, e.strerror, str(path)) from e
         self.written[Path(path).name] = {"bytes": tracked.size, "crc32": f"{tracked.crc:08x}"}
 
     def rename(self, path, new_path) -> None:  # DCP writes .metadata under a temporary name first
@@ -209,16 +216,47 @@ class Checkpointer:
         return {"model": get_model_state_dict(model), "optimizer": get_optimizer_state_dict(model, optimizer),
                 "scheduler": scheduler.state_dict(), "train": train_state}
 
+    def _tmp(self, step: int) -> Path:
+        return self.root / f".{step_dir_name(step)}.tmp"
+
+    def _together(self, step: int, failure: BaseException | None, path: Path | None = None) -> None:
+        """WriteError on every rank when the filesystem refused any rank's write of checkpoint `step` (full, over
+        quota, read-only): its temporary directory is removed and `latest` still names the last good checkpoint.
+        Every rank calls this at the same point, so none is left waiting in a collective for one that stopped."""
+        if isinstance(failure, CheckpointException):  # DCP raises the same one on every rank
+            failure = next((f[0] for f in failure.failures.values() if isinstance(f[0], OSError)), failure)
+        if failure is not None and not isinstance(failure, OSError):
+            raise failure
+        line = first_problem(None if failure is None else refused_write("train", failure, path))
+        if line is None:
+            return
+        if self.rank == 0:
+            shutil.rmtree(self._tmp(step), ignore_errors=True)
+        latest = latest_checkpoint(self.root)
+        raise WriteError(f"{line}; checkpoint {step_dir_name(step)} was not saved, the latest is "
+                         f"{latest if latest is not None else 'none (no checkpoint was saved)'}")
+
     def save(self, step: int, model, optimizer, scheduler, train_state: dict) -> None:
         """Write checkpoint `step` (in the background when checkpoint.async_save)."""
         self.wait()
-        tmp = self.root / f".{step_dir_name(step)}.tmp"
+        tmp = self._tmp(step)
+        failure = None
         if self.rank == 0:
-            if tmp.exists():  # left by a run killed while saving
-                shutil.rmtree(tmp)
-            tmp.mkdir(parents=True)
-        dist.barrier()
-        torch.save(_process_state(), tmp / f"rng-rank{self.rank}.pt")
+            try:
+                if tmp.exists():  # left by a run killed while saving
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as e:
+                failure = e
+        self._together(step, failure)  # also: the directory exists before any rank writes into it
+        rng = tmp / f"rng-rank{self.rank}.pt"
+        try:
+            with open(rng, "wb") as f:  # a Python file: a full disk is an OSError
+                torch.save(_process_state(), f)
+            failure = None
+        except OSError as e:
+            failure = e
+        self._together(step, failure, rng)
         state = self._state(model, optimizer, scheduler, train_state)
         writer = _Crc32Writer(tmp)
         if self.cfg.async_save:
@@ -229,7 +267,10 @@ class Checkpointer:
             future = dcp.async_save(state, storage_writer=writer, process_group=self._async_group)
             self.pending = (step, future, writer)
         else:
-            dcp.save(state, storage_writer=writer)
+            try:
+                dcp.save(state, storage_writer=writer)
+            except CheckpointException as e:
+                self._together(step, e)
             self._finalise(step, writer)
 
     def poll(self) -> None:
@@ -245,23 +286,30 @@ class Checkpointer:
         """Block until a background save is written and finalised."""
         if self.pending is not None:
             step, future, writer = self.pending
-            future.result()
             self.pending = None
+            try:
+                future.result()
+            except CheckpointException as e:
+                self._together(step, e)
             self._finalise(step, writer)
 
     def _finalise(self, step: int, writer: _Crc32Writer) -> None:
-        tmp = self.root / f".{step_dir_name(step)}.tmp"
+        tmp = self._tmp(step)
         rng = tmp / f"rng-rank{self.rank}.pt"
         files = {**writer.fs.written, rng.name: file_record(rng)}
         gathered = [None] * self.world_size if self.rank == 0 else None
         dist.gather_object(files, gathered, dst=0)  # also: every rank's shards are on disk
+        failure = None
         if self.rank == 0:
-            shutil.copyfile(self.run_dir / "config.toml", tmp / "config.toml")
-            seal(tmp, step, self.world_size, {name: record for part in gathered for name, record in part.items()})
-            swap_in(tmp, self.root / step_dir_name(step))  # a re-run of the same step after a restart replaces it
-            write_atomically(self.root / LATEST, step_dir_name(step))
-            self._prune()
-        dist.barrier()
+            try:
+                shutil.copyfile(self.run_dir / "config.toml", tmp / "config.toml")
+                seal(tmp, step, self.world_size, {name: record for part in gathered for name, record in part.items()})
+                swap_in(tmp, self.root / step_dir_name(step))  # a re-run of the step after a restart replaces it
+                write_atomically(self.root / LATEST, step_dir_name(step))
+                self._prune()
+            except OSError as e:
+                failure = e
+        self._together(step, failure)
 
     def _prune(self) -> None:
         for path in complete_checkpoints(self.root)[self.cfg.keep_last:]:

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed.checkpoint as dcp
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 from torch.distributed.checkpoint.api import CheckpointException
@@ -25,11 +26,13 @@ from moe_dist.cli import OneLineParser, error_line
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError, one_line
 from moe_dist.data.tokenizer import TOKENIZER_CONFIG, bos_id, eos_id, eos_token, load_tokenizer
-from moe_dist.files import default_file_mode, staging_dir, swap_in, unwritable_reason
+from moe_dist.files import WriteError, default_file_mode, refused_write, staging_dir, swap_in, unwritable_reason
 from moe_dist.hf.config import (FAMILIES, HF_CONFIG, Family, family_blocker, family_of, hf_config, hf_tokenizer,
-                                is_hf_dir)
+                                is_hf_dir, is_native_export, source_token_ids)
 from moe_dist.hf.weights import hf_state_dict, import_model
 from moe_dist.model import Transformer, moe_layers
+from moe_dist.run_lock import RunInUseError, refuse_if_live
+from moe_dist.startup import RUN_MARKER
 
 WEIGHTS = "model.safetensors"
 CONFIG = "config.toml"
@@ -143,20 +146,26 @@ def check_out_dir(out: Path, checkpoint: Path) -> Path:
     reason = unwritable_reason(out)
     if reason is not None:
         raise ExportError(f"export: --out {out}: {reason}")
+    for run_dir in (p for p in (out, *out.parents) if (p / RUN_MARKER).is_file()):  # a run's trainer owns it
+        refuse_if_live("export", run_dir)
     return out
 
 
 def write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, family: Family | None,
                   dtype: str) -> None:
     if family is not None:
+        token_ids = source_token_ids(cfg)  # an imported model's: the source's exactly
+        if token_ids is None and cfg.train.init_from and not is_native_export(cfg.train.init_from):
+            print(f"export: warning: train.init_from = {cfg.train.init_from}, the model this run was imported from, "
+                  f"has no {HF_CONFIG} any more: its special-token ids are not carried", file=sys.stderr)
         bos = eos = None
-        if tokenizer_path:
+        if token_ids is None and tokenizer_path:
             tokenizer = load_tokenizer(tokenizer_path)
             eos = eos_id(tokenizer, tokenizer_path)
             bos = bos_id(tokenizer, tokenizer_path)
         save_file(hf_state_dict(model, cfg, family, DTYPES[dtype]), out / WEIGHTS, metadata={"format": "pt"})
         # Our own tokenizers have one special token, <|endoftext|>, which both ends and starts documents.
-        config = hf_config(cfg, family, dtype, eos if bos is None else bos, eos)
+        config = hf_config(cfg, family, dtype, eos if bos is None else bos, eos, token_ids)
         (out / HF_CONFIG).write_text(json.dumps(config, indent=2) + "\n")
         source_config = tokenizer_path.parent / TOKENIZER_CONFIG if tokenizer_path else None
         if source_config is not None and source_config.is_file():  # an imported run's: its chat template too
@@ -195,6 +204,10 @@ def export(path: str | Path, out: str | Path, fmt: str = "native", dtype: str = 
     try:
         write_export(model, cfg, tokenizer_path, staging, target, dtype)
         swap_in(staging, out)
+    except SafetensorError as e:  # a full disk, as safetensors reports it (no OSError, no file name)
+        raise WriteError(f"export: cannot write {staging / WEIGHTS}: {e}; nothing was exported") from None
+    except OSError as e:
+        raise WriteError(f"{refused_write('export', e)}; nothing was exported") from None
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     if not tokenizer_path:
@@ -214,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         out = export(args.checkpoint, args.out, args.format, args.dtype, args.family)
-    except (ExportError, ConfigError, DataError, OSError) as e:
+    except (ExportError, ConfigError, DataError, RunInUseError, WriteError, OSError) as e:
         print(error_line("export", e), file=sys.stderr)
         return 2
     print(f"exported {args.checkpoint} to {out} ({args.format}, {args.dtype})")

@@ -14,6 +14,16 @@ import zlib
 from pathlib import Path
 
 CHUNK_BYTES = 1 << 24
+
+
+class WriteError(RuntimeError):
+    """The filesystem refused a write (full, over quota, read-only, ...): one line naming the path."""
+
+
+def refused_write(program: str, error: OSError, path: Path | str | None = None) -> str:
+    """The one line for an OSError raised while writing `path` (an error's own file name wins)."""
+    where = error.filename or path
+    return f"{program}: cannot write {where}: {error.strerror or error}"
 _AT_FDCWD = -100
 _RENAME_EXCHANGE = 2
 
@@ -34,8 +44,12 @@ def file_crc32(path: Path) -> str:
 def write_atomically(path: Path, text: str) -> None:
     """Replace `path` with `text` in one rename: readers see the old file or the new one, never a part."""
     tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError:  # a full disk: the old file stays, and no half-written temporary beside it
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _exchange(a: Path, b: Path) -> bool:

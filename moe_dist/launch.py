@@ -2,8 +2,9 @@
 
 What `make train` and launch/local.sh run on one node. The start-up checks (config, mesh, data, run
 dir, checkpoint) run first, here, in one process: bad input is our one line and exit code 2, not a
-line from a rank followed by torchrun's failure report. Then `torchrun --standalone -m moe_dist.train`
-starts the ranks. SIGTERM to this launcher goes to the ranks, which save a checkpoint and exit 0, so
+line from a rank followed by torchrun's failure report. Then torchrun (`--standalone -m moe_dist.train`, as
+moe_dist.agent: it ends with this launcher, and adds no report to the ranks' own one-line errors) starts the
+ranks. SIGTERM to this launcher goes to the ranks, which save a checkpoint and exit 0, so
 the launcher exits 0 too; sent to torchrun itself, it would end the job as a failure.
 """
 
@@ -69,9 +70,12 @@ def main(argv: list[str] | None = None) -> int:
     status = preflight(nproc, trainer_args)
     if status != 0:
         return status
-    torchrun = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+    # torchrun as moe_dist.agent: a kill -9 of this launcher ends it, and its ranks end with it.
+    # Each attempt's ranks get a store of their own (see init_distributed in parallel/mesh.py).
+    env = {**os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    torchrun = subprocess.Popen([sys.executable, "-m", "moe_dist.agent", "--standalone",
                                  f"--nproc_per_node={nproc}", f"--max-restarts={args.max_restarts}",
-                                 "-m", "moe_dist.train", *trainer_args])
+                                 "-m", "moe_dist.train", *trainer_args], env=env)
     signal.signal(signal.SIGTERM, lambda signum, frame: _forward_sigterm(torchrun))
     while True:
         try:

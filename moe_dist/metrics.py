@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from pathlib import Path
 
 import torch
+
+from moe_dist.files import refused_write
 
 
 def expert_load_metrics(load: torch.Tensor, dropped: torch.Tensor, layer_ids: list[int]) -> dict:
@@ -66,6 +69,7 @@ class MetricsLogger:
         self.start = time.perf_counter()
         self.last_time, self.last_step = 0.0, start_step  # throughput is measured between log lines
         self.file = None
+        self.failure: str | None = None  # a write the filesystem refused; the trainer stops every rank on it
         if self.enabled:
             drop_torn_tail(run_dir / "metrics.jsonl")
             self.file = open(run_dir / "metrics.jsonl", "a")
@@ -79,10 +83,17 @@ class MetricsLogger:
         return time.perf_counter() - self.start
 
     def write(self, record: dict) -> None:
-        if not self.enabled:
+        if not self.enabled or self.failure is not None:
             return
-        self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
-        self.file.flush()
+        try:
+            self.file.write(json.dumps({k: _finite_or_none(v) for k, v in record.items()}) + "\n")
+            self.file.flush()
+        except OSError as e:
+            self.failure = refused_write("train", e, self.file.name)
+            with contextlib.suppress(OSError):  # what is still buffered cannot be written either
+                self.file.close()
+            self.file = None
+            return
         if self.tensorboard is not None:
             for name, value in record.items():
                 if isinstance(value, dict):  # per MoE layer

@@ -1,7 +1,8 @@
 """Everything before a run's first step: the data, the run dir, the checkpoint to resume from.
 
 All of it is checked before anything is written: once by the launchers in one process (`--preflight`,
-before torchrun starts the ranks), and again on every rank. Bad input stops the run with one line and
+before torchrun starts the ranks), and again on every rank. A run dir has one writer: rank 0 holds its lock
+(moe_dist.run_lock) from before its first write to the end of the run. Bad input stops the run with one line and
 leaves earlier runs, checkpoints and data as they were. A run dir is ours when it holds RUN_MARKER;
 `--overwrite` removes only the entries a run writes (RUN_FILES), never through a symbolic link.
 """
@@ -26,6 +27,8 @@ from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
 from moe_dist.hf.config import hf_tokenizer
 from moe_dist.hf.weights import HFWeights, open_init_weights
+from moe_dist.parallel.agreement import first_problem
+from moe_dist.run_lock import RunInUseError, RunLock, refuse_if_live
 
 
 class RunError(RuntimeError):
@@ -77,6 +80,7 @@ def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
         raise RunError(f"train: {run_dir} holds {', '.join(found)} but no {RUN_MARKER}, so it is not a moe_dist run "
                        f"dir and nothing in it is touched; choose another --train.name (a run of an older moe_dist: "
                        f"create {RUN_MARKER} there to adopt it)")
+    refuse_if_live("train", run_dir)  # before anything of a live run is read, resumed from or overwritten
     if found and not resuming and not overwrite:
         raise RunError(f"train: {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                        f"--overwrite to replace it, or choose another --train.name")
@@ -139,7 +143,8 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
         data_dir = Path(cfg.data.path)
     else:
         data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
-    check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size)
+    check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size,
+                     cfg.train.grad_accum, cfg.train.eval_steps)
     if tokenizer is not None and not tokenized_with(data_dir, tokenizer):
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, the one of "
                         f"train.init_from; prepare it with python -m moe_dist.data.prep --tokenizer "
@@ -181,7 +186,6 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
 
 def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
     run_dir = start.run_dir
-    run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / RUN_MARKER).write_text(json.dumps({"moe_dist_run": 1, "writes": RUN_FILES}) + "\n")
     if overwrite:
         clear_run_dir(run_dir)
@@ -193,17 +197,24 @@ def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
         shutil.copyfile(source_config, run_dir / TOKENIZER_CONFIG)
 
 
-def start_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: bool) -> RunStart:
-    """Check everything on every rank, then (rank 0) write the run dir's first files."""
-    start = check_run(cfg, rank, world_size, resume, overwrite, announce=rank == 0)
+def claim_run(cfg: Config, start: RunStart, rank: int, overwrite: bool) -> RunLock | None:
+    """After every rank's checks (check_run) and the weights' read: rank 0 takes the run dir's lock and writes its
+    first files. Returns rank 0's lock, held for the whole run."""
     dist.barrier()  # every rank has checked the run dir before rank 0 writes to it
-    problem = [None]
+    lock = problem = None
     if rank == 0:
         try:
+            start.run_dir.mkdir(parents=True, exist_ok=True)
+            # Checked above, but another trainer may have started since: the lock decides, before any write.
+            lock = RunLock(start.run_dir, "train")
             _write_run_files(cfg, start, overwrite)
+        except RunInUseError as e:
+            problem = str(e)
         except OSError as e:  # checked above, but a filesystem can still refuse (full, read-only mount)
-            problem = [f"train: cannot write the run dir {start.run_dir}: {e.filename}: {e.strerror}"]
-    dist.broadcast_object_list(problem, src=0)  # every rank stops, not only the one that saw it
-    if problem[0] is not None:
-        raise RunError(problem[0])
-    return start
+            problem = f"train: cannot write the run dir {start.run_dir}: {e.filename}: {e.strerror}"
+    problem = first_problem(problem)  # every rank stops, not only the one that saw it
+    if problem is not None:
+        if lock is not None:
+            lock.close()
+        raise RunError(problem)
+    return lock

@@ -22,16 +22,19 @@ from moe_dist.config import Config, ConfigError, parse_args
 from moe_dist.data import DataError
 from moe_dist.data.flags import IGNORE
 from moe_dist.data.loader import Batch, DataLoader
+from moe_dist.files import WriteError
 from moe_dist.hf.config import with_init_from
+from moe_dist.lifetime import exit_with_parent
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
-from moe_dist.model import Transformer, moe_layers
+from moe_dist.model import Routing, Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, local_part, parallelize
 from moe_dist.parallel.materialize import BlockReader, materialize
 from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolve_mesh
 from moe_dist.params import count_params, training_flops_per_token
-from moe_dist.startup import RunError, check_run, start_run
+from moe_dist.run_lock import RunInUseError
+from moe_dist.startup import RunError, RunStart, check_run, claim_run
 
 
 
@@ -41,11 +44,12 @@ class DivergedError(RuntimeError):
 
 @dataclass
 class StepResult:
-    loss: float  # cross-entropy, mean over the global batch
+    loss: float  # cross-entropy, mean over the global batch's targets that count; nan when none counts
     aux_loss: float
     grad_norm: float
     expert_load: Tensor | None  # [moe layers, experts] pairs routed in this step, all ranks
     dropped: Tensor | None  # [moe layers] pairs dropped by capacity in this step, all ranks
+    targets: int  # targets that count in the global batch; 0: nothing to learn from, no update was made
     skipped: bool = False  # the loss or the gradient was not finite: no update was made
 
 
@@ -67,8 +71,8 @@ def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
 
 
-def forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor]:
-    return model(batch.inputs, segments=batch.segments, positions=batch.positions)
+def forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Routing | None]:
+    return model(batch.inputs, segments=batch.segments, positions=batch.positions, routing=True)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[Batch]) -> StepResult:
@@ -78,37 +82,42 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch]) -> StepRe
     Returns the step's loss, aux loss and routing counts (grad_norm not yet known: nan)."""
     model.train()
     micro_batches = [Batch(*b) for b in micro_batches]
-    layers = moe_layers(model)
     world = dist.get_world_size() if dist.is_initialized() else 1
     counted = sum_over_ranks(torch.stack([(b.targets != IGNORE).sum() for b in micro_batches]).sum().float())
     # FSDP averages gradients over the ranks: scaling by world makes that average the gradient of the global sum.
     scale = world / counted.clamp(min=1)
     ce_sum = aux_sum = torch.zeros(())
-    load, dropped = None, torch.zeros(len(layers))
+    routings = []  # each micro-batch's; none without MoE layers
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
-        logits, aux_loss = forward(model, batch)
+        logits, aux_loss, routing = forward(model, batch)
         ce = loss_sum(logits, batch.targets)
         (ce * scale.to(ce.device) + aux_loss / len(micro_batches)).backward()
         ce_sum = ce_sum + ce.detach().cpu()
         aux_sum = aux_sum + aux_loss.detach().cpu()
-        if layers:
-            counts = torch.stack([m.last_counts for m in layers]).cpu()
-            load = counts if load is None else load + counts
-            dropped += torch.stack([m.last_dropped for m in layers]).cpu()
+        if routing is not None:
+            routings.append(routing)
+    # The routers reduce the expert load over the ranks already; the dropped pairs are summed over them here.
+    load = torch.stack([r.counts for r in routings]).sum(0).cpu() if routings else None
+    dropped = torch.stack([r.dropped for r in routings]).sum(0).cpu().float() if routings else torch.zeros(0)
     totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum / len(micro_batches)]), dropped]))
-    loss, aux = (totals[0] / counted.clamp(min=1)).item(), (totals[1] / world).item()
-    return StepResult(loss, aux, math.nan, load, totals[2:].long() if layers else None)
+    targets, aux = int(counted.item()), (totals[1] / world).item()
+    loss = (totals[0] / targets).item() if targets else math.nan
+    return StepResult(loss, aux, math.nan, load, totals[2:].long() if routings else None, targets)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
                max_grad_norm: float) -> StepResult:
     """One optimizer step over `micro_batches` (accumulate_gradients), then the router bias update.
 
-    A non-finite loss or gradient norm (both global, so every rank agrees) skips the update.
+    A global batch with no target that counts, or a non-finite loss or gradient norm (all global, so every rank
+    agrees), skips the update.
     """
     result = accumulate_gradients(model, micro_batches)
+    if result.targets == 0:  # the gradient would be the aux loss's alone: nothing to learn from
+        optimizer.zero_grad(set_to_none=True)
+        return result
     result.grad_norm = clip_grad_norm_(list(model.parameters()), max_grad_norm)
     if not (math.isfinite(result.loss) and math.isfinite(result.grad_norm)):
         optimizer.zero_grad(set_to_none=True)
@@ -123,15 +132,17 @@ def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, mi
 
 
 @torch.no_grad()
-def evaluate(model: nn.Module, batches: list[Batch]) -> float:
-    """Validation cross-entropy over `batches` and all ranks: the sum over the targets that count / their count."""
+def evaluate(model: nn.Module, batches: list[Batch]) -> tuple[float, int]:
+    """(validation cross-entropy, the count of targets that count) over `batches` and all ranks: the loss is the sum
+    over the targets that count / their count; nan when none counts."""
     model.eval()
     total = torch.zeros(2)
     for batch in map(lambda b: Batch(*b), batches):
-        logits, _ = forward(model, batch)
+        logits = forward(model, batch)[0]
         total += torch.stack([loss_sum(logits, batch.targets).cpu(), (batch.targets != IGNORE).sum().cpu()])
     total = sum_over_ranks(total)
-    return (total[0] / total[1].clamp(min=1)).item()
+    targets = int(total[1].item())
+    return (total[0] / targets).item() if targets else math.nan, targets
 
 
 def build_model(cfg: Config, mesh: DeviceMesh, runtime: Runtime, read: BlockReader | None = None) -> nn.Module:
@@ -172,11 +183,6 @@ class Preemption:
     def restore(self) -> None:
         signal.signal(signal.SIGTERM, self.previous)
 
-    def agreed(self) -> bool:
-        """True on every rank when any rank was signalled (ranks may get the signal at different steps)."""
-        flag = torch.tensor([1.0 if self.requested else 0.0])
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return flag.item() > 0
 
 
 class Trainer:
@@ -186,13 +192,28 @@ class Trainer:
         self.cfg, self.runtime = cfg, runtime
         torch.manual_seed(cfg.train.seed)
         mesh = build_mesh(cfg, runtime.world_size, runtime.device.type)
-        start = start_run(cfg, runtime.rank, runtime.world_size, resume, overwrite)
+        start = check_run(cfg, runtime.rank, runtime.world_size, resume, overwrite, announce=runtime.rank == 0)
+        # Weights are read, and train.init_from's checked (a NaN), before the run dir's first write.
+        self.model = build_model(cfg, mesh, runtime, start.init_weights and start.init_weights.read)
+        self.lock = claim_run(cfg, start, runtime.rank, overwrite)
+        try:
+            self._set_up(start, mesh)
+        except BaseException:
+            self.release()
+            raise
+
+    def release(self) -> None:
+        """Let go of the run dir (rank 0's lock): the run writes nothing more."""
+        if self.lock is not None:
+            self.lock.close()
+
+    def _set_up(self, start: RunStart, mesh: DeviceMesh) -> None:
+        cfg, runtime = self.cfg, self.runtime
         self.run_dir, self.checkpointer = start.run_dir, start.checkpointer
         d = cfg.data
         self.train_data, self.val_data = (
             DataLoader(start.data_dir, split, d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed,
                        d.document_mask, d.restart_positions) for split in ("train", "val"))
-        self.model = build_model(cfg, mesh, runtime, start.init_weights and start.init_weights.read)
         self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = self.tokens = 0
@@ -212,10 +233,22 @@ class Trainer:
         self.start_step = self.step
         self.first_loss: float | None = None
 
+    def agree(self, stop_requested: bool = False) -> bool:
+        """One all-reduce: True on every rank when any rank was asked to stop (SIGTERM reaches ranks at different
+        steps); WriteError on every rank, not only rank 0, when rank 0 could not write the metrics (a full disk)."""
+        flags = torch.tensor([float(stop_requested), float(self.logger.failure is not None)])
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        if flags[1] > 0:
+            raise WriteError(self.logger.failure or "train: rank 0 could not write the metrics")
+        return flags[0].item() > 0
+
     def evaluate(self) -> float:
         batches = [to_device(next(self.val_data), self.runtime.device) for _ in range(self.cfg.train.eval_steps)]
         self.val_data.reset()
-        loss = evaluate(self.model, batches)
+        loss, targets = evaluate(self.model, batches)
+        if targets == 0 and self.runtime.rank == 0:
+            print(f"warning: step {self.step}: the validation batches (train.eval_steps = {self.cfg.train.eval_steps})"
+                  f" have no target that counts: no validation loss", file=sys.stderr, flush=True)
         self.logger.eval(self.step, loss)
         return loss
 
@@ -233,11 +266,13 @@ class Trainer:
         return str(good) if good is not None else "none (no checkpoint was saved)"
 
     def log_step(self, result: StepResult, nonfinite_in_a_row: int, final: bool) -> None:
-        """metrics.jsonl and the console line at log steps and the final one; a warning on stderr for a skipped step."""
-        first = self.step == self.start_step + 1
-        if self.step % self.cfg.metrics.log_interval == 0 or first or final or result.skipped:
+        """metrics.jsonl and the console line at log steps and the final one; a warning on stderr for a step without
+        an update."""
+        first, empty = self.step == self.start_step + 1, result.targets == 0
+        if self.step % self.cfg.metrics.log_interval == 0 or first or final or result.skipped or empty:
             metrics = {"loss": result.loss, "aux_loss": result.aux_loss, "lr": self.scheduler.get_last_lr()[0],
-                       "grad_norm": result.grad_norm, "tokens": self.tokens, "skipped": result.skipped}
+                       "grad_norm": result.grad_norm, "tokens": self.tokens, "targets": result.targets,
+                       "skipped": result.skipped or empty}
             if result.expert_load is not None:
                 metrics.update(expert_load_metrics(result.expert_load, result.dropped, self.moe_layer_ids))
             self.logger.train(self.step, metrics)
@@ -245,6 +280,9 @@ class Trainer:
             print(f"warning: step {self.step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}: "
                   f"update skipped ({nonfinite_in_a_row} in a row; train.max_nonfinite_steps = "
                   f"{self.cfg.train.max_nonfinite_steps})", file=sys.stderr, flush=True)
+        if empty and self.runtime.rank == 0:
+            print(f"warning: step {self.step}: the global batch has no target that counts (every target is masked "
+                  f"out): no loss, update skipped", file=sys.stderr, flush=True)
 
     def loop(self) -> tuple[str, StepResult | None]:
         """Train to the last step; returns how it ended ("finished", "preempted" or "diverged") and the last result."""
@@ -259,7 +297,7 @@ class Trainer:
                 self.first_loss = result.loss if self.first_loss is None else self.first_loss
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
                 self.checkpointer.poll()
-                preempted = preemption.agreed()
+                preempted = self.agree(preemption.requested)
                 self.log_step(result, nonfinite_in_a_row, final=preempted or self.step == last)
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     return "diverged", result
@@ -275,6 +313,12 @@ class Trainer:
 
     def run(self) -> dict:
         """The loop and its ending; returns the summary that rank 0 prints."""
+        try:
+            return self._run()
+        finally:
+            self.release()
+
+    def _run(self) -> dict:
         ending, result = self.loop()
         if ending == "diverged":
             self.logger.close()
@@ -285,6 +329,7 @@ class Trainer:
         val_loss = self.evaluate() if ending == "finished" else None
         self.checkpointer.wait()
         self.logger.close()
+        self.agree()
         return {"steps": self.step, "tokens": self.tokens, "first_loss": self.first_loss, "ending": ending,
                 "final_loss": result.loss if result else None, "val_loss": val_loss, "run_dir": str(self.run_dir),
                 "elapsed_s": round(self.logger.elapsed(), 1), "world_size": self.runtime.world_size,
@@ -306,11 +351,15 @@ def _print_summary(summary: dict) -> None:
           f" | val loss {summary['val_loss']:.4f} | run in {summary['run_dir']}", flush=True)
 
 
-EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, RunError, DivergedError, OSError)
+EXPECTED_ERRORS = (ConfigError, DataError, CheckpointError, RunError, RunInUseError, DivergedError, WriteError,
+                   OSError)
+FAILED_RUN = (DivergedError, WriteError)  # exit code 1: the input was fine, the run could not go on
 
 
 def main(argv: list[str] | None = None) -> int:
     quiet = os.environ.get("RANK", "0") != "0"
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank under torchrun ends with it, however torchrun ends
+        exit_with_parent()
     summary = None
     try:
         name, overrides, options = parse_args(sys.argv[1:] if argv is None else argv, "train",
@@ -333,7 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     except EXPECTED_ERRORS as e:
         if not quiet:
             print(error_line("train", e), file=sys.stderr)
-        return 1 if isinstance(e, DivergedError) else 2
+        return 1 if isinstance(e, FAILED_RUN) else 2
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
@@ -343,12 +392,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    code = main()
-    # A rank leaves without the interpreter's teardown. FSDP and DTensor's caches keep the gloo process groups
-    # alive past destroy_process_group, so their worker threads still run; one that releases the tensors of the
-    # last collective while the interpreter is finalizing cannot take the GIL, and the rank aborts after a
-    # finished run ("terminate called without an active exception", about one run in 30 here, exit code 1).
-    # Everything the run wrote is closed by now; only Python's own buffers need flushing.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(code)
+    from moe_dist.parallel.mesh import exit_process
+
+    exit_process(main())

@@ -43,6 +43,13 @@ def start_trainer(cmd: list[str], **kwargs) -> subprocess.Popen:
                             **kwargs)
 
 
+def local_sh(*args: str, **popen) -> subprocess.Popen:
+    """launch/local.sh with two CPU processes and this interpreter."""
+    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(["launch/local.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, **popen)
+
+
 def run_trainer(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
@@ -55,6 +62,18 @@ def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
         assert proc.poll() is None, proc.communicate()[1][-3000:]
         assert time.time() < deadline, "timed out"
         time.sleep(0.005)
+
+
+def processes_with(text: str) -> list[int]:
+    """The live processes whose command line contains `text` (from /proc: Linux)."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            if text in cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace"):
+                found.append(int(cmdline.parent.name))
+        except OSError:  # gone meanwhile
+            continue
+    return found
 
 
 def tree_state(*roots: Path) -> dict[str, object]:

@@ -3,20 +3,16 @@
 import os
 import shlex
 import signal
+import socket
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 
 from moe_dist.checkpoint import latest_checkpoint, verify
-from runs import REPO, SMALL_MODEL, read_metrics, train_losses, trainer_args, wait_for
-
-
-def local_sh(*args: str) -> subprocess.Popen:
-    """launch/local.sh with two CPU processes and this interpreter."""
-    env = {**os.environ, "NPROC": "2", "PYTHON": sys.executable, "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(["launch/local.sh", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+from runs import REPO, SMALL_MODEL, local_sh, processes_with, read_metrics, train_losses, trainer_args, wait_for
 
 
 @pytest.mark.slow
@@ -37,6 +33,28 @@ def test_local_sh_trains_on_two_ranks_and_sigterm_saves_and_exits_0(tmp_path, pr
     train = [r for r in records if r["kind"] == "train"]
     assert train[-1]["step"] == int(latest.name.split("-")[1]) >= 8 and train[-1]["loss"] < train[0]["loss"]
     assert [r["step"] for r in records if r["kind"] == "eval"][:2] == [4, 8]
+
+
+@pytest.mark.slow
+def test_ranks_end_within_seconds_of_a_kill_9_of_the_launcher(tmp_path, prepared_data):
+    # The launcher alone is killed (not its process group): torchrun must end with it, and the ranks, which
+    # torchrun starts in sessions of their own, with torchrun. A checkpoint every step, so one is being written.
+    runs_dir = tmp_path / "owned"
+    args = trainer_args(runs_dir, prepared_data, *SMALL_MODEL, "--train.steps", "100000", "--checkpoint.interval",
+                        "1", "--train.eval_interval", "0")
+    launcher = local_sh(*args, start_new_session=True)
+    wait_for(lambda: len(train_losses(runs_dir / "tiny")) >= 3, launcher)
+    ours = set(processes_with(str(runs_dir)))
+    assert len(ours) == 4, ours  # the launcher, torchrun and two ranks
+    launcher.kill()
+    launcher.communicate()
+    deadline = time.time() + 10
+    while set(processes_with(str(runs_dir))) & ours and time.time() < deadline:
+        time.sleep(0.1)
+    assert not set(processes_with(str(runs_dir))) & ours, "a process outlived the launcher by 10 s"
+    latest = latest_checkpoint(runs_dir / "tiny" / "checkpoints")
+    verify(latest)
+    assert int(latest.name.split("-")[1]) >= 1
 
 
 @pytest.mark.slow
@@ -64,6 +82,76 @@ def slurm_commands(tmp_path, *args: str, **env: str) -> tuple[list[str], list[st
     assert result.returncode == 0, result.stderr
     check, srun = result.stdout.strip().splitlines()
     return shlex.split(check), shlex.split(srun)
+
+
+SRUN = """#!/bin/sh
+# srun stand-in: each node's copy of the command, all on this machine.
+while [ "${1#--}" != "$1" ]; do shift; done
+pids=""
+node=0
+while [ $node -lt "$SLURM_NNODES" ]; do
+    SLURM_NODEID=$node "$@" &
+    pids="$pids $!"
+    node=$((node + 1))
+done
+code=0
+for pid in $pids; do wait "$pid" || code=$?; done
+exit $code
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_pid(runs_dir, rank: int) -> int:
+    """The trainer rank `rank` of the run writing to runs_dir (not its agents, not the preflight)."""
+    for pid in processes_with(str(runs_dir)):
+        try:
+            cmdline = (Path("/proc") / str(pid) / "cmdline").read_bytes().split(b"\0")
+            environ = (Path("/proc") / str(pid) / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if b"moe_dist.train" in cmdline and b"--preflight" not in cmdline and f"RANK={rank}".encode() in environ:
+            return pid
+    raise AssertionError(f"no rank {rank} writing to {runs_dir}")
+
+
+@pytest.mark.slow
+def test_two_nodes_as_slurm_starts_them_train_and_resume_after_a_rank_dies(tmp_path, prepared_data):
+    # launch/slurm.sbatch itself, with stand-ins for srun and scontrol: two torchrun agents (one rank each) meet
+    # over the c10d rendezvous, ep 2 spans the two "nodes"; rank 1 is killed mid-run and both agents restart.
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    for name, text in (("srun", SRUN), ("scontrol", "#!/bin/sh\necho localhost\n")):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}:{os.environ['PATH']}", "SLURM_JOB_ID": "77", "SLURM_NNODES": "2",
+           "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_SUBMIT_DIR": str(REPO), "PYTHON": sys.executable,
+           "GPUS_PER_NODE": "1", "MASTER_PORT": str(free_port()), "MAX_RESTARTS": "1",
+           "LOG_DIR": str(tmp_path / "logs"), "OMP_NUM_THREADS": "1"}
+    runs_dir = tmp_path / "runs"
+    args = trainer_args(runs_dir, prepared_data, *SMALL_MODEL, "--train.steps", "12", "--checkpoint.interval", "4",
+                        "--parallel.ep", "2", "--train.eval_interval", "0")
+    job = subprocess.Popen(["bash", "launch/slurm.sbatch", *args], cwd=REPO, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    run_dir = runs_dir / "tiny"
+    try:
+        wait_for(lambda: max(train_losses(run_dir), default=0) >= 6, job)
+        os.kill(rank_pid(runs_dir, 1), signal.SIGKILL)
+        out, err = job.communicate(timeout=600)
+    finally:
+        os.killpg(job.pid, signal.SIGKILL) if job.poll() is None else None
+    assert job.returncode == 0, err[-3000:]
+    assert "2 ranks = dp_shard 1 x ep 2 on cpu" in out
+    resumed = [line for line in out.splitlines() if "resuming from" in line]
+    assert len(resumed) == 1 and "step-4" in resumed[0], out[-3000:]  # the restart resumed; the first start did not
+    assert sorted(train_losses(run_dir)) == list(range(1, 13))
+    latest = latest_checkpoint(run_dir / "checkpoints")
+    assert latest.name == "step-12"
+    verify(latest)
 
 
 def test_slurm_script_parses():

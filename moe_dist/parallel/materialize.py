@@ -9,7 +9,9 @@ from torch import Tensor
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 
+from moe_dist.checkpoint import CheckpointError
 from moe_dist.model import Transformer
+from moe_dist.parallel.agreement import first_problem
 
 WRAPPER_PREFIXES = ("_checkpoint_wrapped_module.", "_orig_mod.")  # activation checkpointing, torch.compile
 
@@ -36,9 +38,21 @@ def initial_values(model: Transformer, device: torch.device) -> BlockReader:
 @torch.no_grad()
 def materialize(model: Transformer, device: torch.device, read: BlockReader | None = None) -> None:
     """Allocate this rank's shards and fill each from `read` (default: the initial values), one parameter at a
-    time: a rank holds at most its shards plus one parameter's full value."""
+    time: a rank holds at most its shards plus one parameter's full value. A block that cannot be read (a
+    CheckpointError: a bad file, a NaN) stops every rank, with the message of the rank that read it."""
     model.to_empty(device=device)
-    read = read or initial_values(model, device)
+    problem = None
+    try:
+        _fill(model, read or initial_values(model, device))
+    except CheckpointError as e:
+        problem = str(e)
+    problem = first_problem(problem)
+    if problem is not None:
+        raise CheckpointError(problem)
+    model.init_buffers()
+
+
+def _fill(model: Transformer, read: BlockReader) -> None:
     for name, param in model.named_parameters():
         local = param.to_local() if isinstance(param, DTensor) else param
         if isinstance(param, DTensor):
@@ -49,4 +63,3 @@ def materialize(model: Transformer, device: torch.device, read: BlockReader | No
             shape, offset = param.shape, (0,) * param.dim()
         if local.numel():
             local.copy_(read(plain_name(name), param.shape, tuple(slice(o, o + n) for o, n in zip(offset, shape))))
-    model.init_buffers()

@@ -5,7 +5,9 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import sys
 from dataclasses import dataclass
+from typing import NoReturn
 
 import torch
 import torch.distributed as dist
@@ -22,8 +24,11 @@ class Runtime:
     device: torch.device
 
 
-def init_distributed(device: str = "auto") -> Runtime:
-    """NCCL with CUDA, gloo without; a one-process group when not launched by torchrun."""
+def init_distributed(device: str = "auto", init_method: str = "env://") -> Runtime:
+    """NCCL with CUDA, gloo without; a one-process group when RANK is not set (not launched by torchrun).
+
+    Every process group the project starts comes from here: the trainer's, the benchmarks' and gpu-check's ranks
+    and the test ranks (these set RANK, WORLD_SIZE and LOCAL_RANK and meet at a `file://` init_method)."""
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if device == "cuda" and not torch.cuda.is_available():
         raise ConfigError("config: train.device = 'cuda' but no CUDA device is available")
@@ -38,15 +43,34 @@ def init_distributed(device: str = "auto") -> Runtime:
         # routing totals, the preemption flag): NCCL alone refuses a CPU tensor.
         backend = "cpu:gloo,cuda:nccl" if use_cuda else "gloo"
         if "RANK" in os.environ:
-            store, rank, world_size = next(dist.rendezvous("env://"))
-            # torchrun --max-restarts keeps its store across restarts: without a per-attempt prefix the
-            # restarted ranks read the dead ones' addresses (gloo: "connectFullMesh ... refused").
-            attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-            dist.init_process_group(backend, store=dist.PrefixStore(f"attempt_{attempt}", store), rank=rank,
-                                    world_size=world_size, device_id=dev if use_cuda else None)
+            store, rank, world_size = next(dist.rendezvous(init_method, int(os.environ["RANK"]),
+                                                           int(os.environ["WORLD_SIZE"])))
+            if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True":
+                # The ranks share torchrun's own store, which outlives a restart: without a per-attempt prefix
+                # the restarted ranks read the dead ones' addresses (gloo: "connectFullMesh ... refused"). The
+                # attempt is each agent's own count, which agents on several nodes can disagree on (one restarts
+                # after a failure, another after the membership change): our launchers set
+                # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1, so that each attempt gets a store of its own instead.
+                attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+                store = dist.PrefixStore(f"attempt_{attempt}", store)
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size,
+                                    device_id=dev if use_cuda else None)
         else:  # plain `python -m moe_dist.train`: the same code path with a world of one
             dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
     return Runtime(dist.get_rank(), dist.get_world_size(), local_rank, dev)
+
+
+def exit_process(code: int) -> NoReturn:
+    """Leave a process that joined a process group (the trainer, a benchmark or test rank) with `code`, without
+    the interpreter's teardown."""
+    # FSDP and DTensor's caches keep the gloo process groups alive past destroy_process_group, so their worker
+    # threads still run; one that releases the tensors of the last collective while the interpreter is
+    # finalizing cannot take the GIL, and the process aborts after finished work ("terminate called without an
+    # active exception", about one run in 30 here). Whatever the caller wrote is closed by now; only Python's
+    # own buffers need flushing.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def resolve_mesh(cfg: ParallelConfig, num_experts: int, world_size: int) -> ParallelConfig:
