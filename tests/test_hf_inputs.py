@@ -14,7 +14,8 @@ from distributed import run_on_ranks
 from hf_models import save_tiny
 from safetensors.torch import load_file, save_file
 
-from moe_dist import export
+from moe_dist import export, train
+from moe_dist.data import prep
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
 from moe_dist.hf.config import config_from_hf, family_of, with_init_from
@@ -24,6 +25,7 @@ from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model
 
 MIXTRAL = "model.layers.0.block_sparse_moe."
+TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
@@ -49,6 +51,24 @@ def test_a_nan_or_inf_weight_is_one_line_naming_the_tensor(tmp_path, capsys, lay
     set_value(tmp_path / "src" / "model.safetensors", key, value)
     err = export_fails(tmp_path / "src", tmp_path / "out", capsys)
     assert f"{tmp_path / 'src' / 'model.safetensors'}: tensor {key} holds NaN or infinite values" in err, err
+
+
+def test_a_run_from_weights_with_a_nan_writes_nothing(tmp_path, capsys):
+    # The NaN is found while the weights are read, which is before the run dir's first write.
+    source = tmp_path / "src"
+    save_tiny("mixtral", source, vocab_size=320)
+    set_value(source / "model.safetensors", MIXTRAL + "gate.weight", float("nan"))
+    train_tokenizer([TEXT], 300).save(str(source / "tokenizer.json"))
+    (tmp_path / "docs.jsonl").write_text("".join(json.dumps({"text": f"{i}: {TEXT}"}) + "\n" for i in range(60)))
+    assert prep.main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--tokenizer",
+                      str(source), "--vocab-size", "320"]) == 0
+    capsys.readouterr()
+    runs = tmp_path / "runs"
+    assert train.main(["--train.init_from", str(source), "--data.path", str(tmp_path / "data"), "--metrics.runs_dir",
+                       str(runs), "--data.seq_len", "16", "--data.micro_batch", "1", "--train.eval_steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and f"tensor {MIXTRAL}gate.weight holds NaN or infinite values" in err, err
+    assert not runs.exists()
 
 
 def build_worker(rank, world_size, cfg):
