@@ -102,7 +102,7 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = num(3e-3, "(0, inf)")
+    lr: float = num(3e-3, "(0, 1]")  # AdamW's step is about lr per weight: beyond 1 is a typo, not a setting
     min_lr_ratio: float = num(0.1, "[0, 1]")
     warmup_steps: int = num(10, "[0, inf)")
     weight_decay: float = num(0.1, "[0, inf)")
