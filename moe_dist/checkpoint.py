@@ -14,6 +14,7 @@ import io
 import json
 import random
 import shutil
+import sys
 import zlib
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -97,7 +98,7 @@ class _Crc32FileSystem(FileSystem):
                     tracked = _Crc32Stream(stream, pool)
                     yield tracked
         except OSError as e:  # a failed write or close names no file: say which one
-            if e.filename:
+            if e.filename or e.errno is None:
                 raise
             raise OSError(e.errno, e.strerror, str(path)) from e
         self.written[Path(path).name] = {"bytes": tracked.size, "crc32": f"{tracked.crc:08x}"}
@@ -194,10 +195,6 @@ def _set_process_state(state: dict) -> None:
     kernels.grouped_mm.MEASURED_BACKENDS.update(state.get("grouped_mm_backends", {}))
 
 
-def _distributed() -> bool:
-    return dist.is_initialized() and dist.get_world_size() > 1
-
-
 class Checkpointer:
     """Saves and restores model, optimizer, scheduler and the trainer's own state on every rank."""
 
@@ -230,9 +227,11 @@ class Checkpointer:
         line = first_problem(None if failure is None else refused_write("train", failure, path))
         if line is None:
             return
+        latest = latest_checkpoint(self.root)
         if self.rank == 0:
             shutil.rmtree(self._tmp(step), ignore_errors=True)
-        latest = latest_checkpoint(self.root)
+            if latest != self.root / step_dir_name(step):  # swapped in, but `latest` could not be made to name it
+                shutil.rmtree(self.root / step_dir_name(step), ignore_errors=True)
         raise WriteError(f"{line}; checkpoint {step_dir_name(step)} was not saved, the latest is "
                          f"{latest if latest is not None else 'none (no checkpoint was saved)'}")
 
@@ -250,9 +249,13 @@ class Checkpointer:
                 failure = e
         self._together(step, failure)  # also: the directory exists before any rank writes into it
         rng = tmp / f"rng-rank{self.rank}.pt"
+        state = io.BytesIO()
+        torch.save(_process_state(), state)
         try:
-            with open(rng, "wb") as f:  # a Python file: a full disk is an OSError
-                torch.save(_process_state(), f)
+            # One Python write: a disk that fills part-way is an OSError (torch.save into the file would raise
+            # a RuntimeError from its zip writer).
+            with open(rng, "wb") as f:
+                f.write(state.getbuffer())
             failure = None
         except OSError as e:
             failure = e
@@ -306,15 +309,20 @@ class Checkpointer:
                 seal(tmp, step, self.world_size, {name: record for part in gathered for name, record in part.items()})
                 swap_in(tmp, self.root / step_dir_name(step))  # a re-run of the step after a restart replaces it
                 write_atomically(self.root / LATEST, step_dir_name(step))
-                self._prune()
             except OSError as e:
                 failure = e
         self._together(step, failure)
+        if self.rank == 0:
+            self._prune()
 
     def _prune(self) -> None:
         for path in complete_checkpoints(self.root)[self.cfg.keep_last:]:
             if path != self.resumed_from:  # never the one this run started from
-                shutil.rmtree(path)
+                try:
+                    shutil.rmtree(path)
+                except OSError as e:  # e.g. a file still open on NFS: the next save tries again
+                    print(f"warning: {refused_write('train', e, path)} (pruning {path.name}); "
+                          f"training goes on", file=sys.stderr, flush=True)
 
     def verify_everywhere(self, path: Path) -> str | None:
         """Why the checkpoint at `path` cannot be used, or None; each rank reads its share of the files and
@@ -324,10 +332,7 @@ class Checkpointer:
             problem = None
         except CheckpointError as e:
             problem = str(e)
-        if _distributed():
-            problems = [None] * self.world_size
-            dist.all_gather_object(problems, problem)
-            problem = next((p for p in problems if p is not None), None)
+        problem = first_problem(problem)
         if problem is None:
             self.verified = path
         return problem

@@ -35,19 +35,27 @@ def save_on_a_full_disk(rank: int, world_size: int, run_dir: str, failing_rank: 
     checkpointer = Checkpointer(run_dir, CheckpointConfig(), rank, world_size)
     checkpointer.save(1, model, optimizer, scheduler, {"step": 1})
 
-    def full(*args, **kwargs):
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    class FullFile:  # what open() gives on a full disk: the file opens, its write fails
+        def __init__(self, *args, **kwargs):
+            pass
 
-    owner, name = (torch, "save") if where == "rng" else (moe_dist.checkpoint._Crc32Stream, "write")
-    kept = getattr(owner, name)
-    if rank == failing_rank:
-        setattr(owner, name, full)
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc) -> bool:
+            return False
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    if rank == failing_rank and where == "rng":
+        moe_dist.checkpoint.open = FullFile  # the module's open, not the builtin
+    elif rank == failing_rank:
+        moe_dist.checkpoint._Crc32Stream.write = FullFile.write
     try:
         checkpointer.save(2, model, optimizer, scheduler, {"step": 2})
     except WriteError as e:
         return str(e)
-    finally:
-        setattr(owner, name, kept)
     return "saved"
 
 
