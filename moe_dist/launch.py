@@ -20,6 +20,7 @@ import torch
 
 from moe_dist import train
 from moe_dist.cli import OneLineParser
+from moe_dist.lifetime import end_children_with_this_process
 
 
 def default_nproc() -> int:
@@ -73,7 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     # torchrun as moe_dist.agent: a kill -9 of this launcher ends it, and its ranks end with it.
     # Each attempt's ranks get a store of their own (see init_distributed in parallel/mesh.py). One OpenMP thread
     # per rank of several unless set: what torchrun sets anyway, without its four-line banner saying so.
-    env = {**({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}), **os.environ, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"}
+    env = end_children_with_this_process({**({"OMP_NUM_THREADS": "1"} if nproc > 1 else {}), **os.environ,
+                                          "TORCH_DISABLE_SHARE_RDZV_TCP_STORE": "1"})
     torchrun = subprocess.Popen([sys.executable, "-m", "moe_dist.agent", "--standalone",
                                  f"--nproc_per_node={nproc}", f"--max-restarts={args.max_restarts}",
                                  "-m", "moe_dist.train", *trainer_args], env=env)

@@ -28,7 +28,7 @@ from moe_dist.files import unwritable_reason
 from moe_dist.hf.config import hf_tokenizer
 from moe_dist.hf.weights import HFWeights, open_init_weights
 from moe_dist.parallel.agreement import first_problem
-from moe_dist.run_lock import RunInUseError, RunLock, refuse_if_live
+from moe_dist.run_lock import RunInUseError, RunLock, in_use_message, live_holder
 
 
 class RunError(RuntimeError):
@@ -80,7 +80,11 @@ def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
         raise RunError(f"train: {run_dir} holds {', '.join(found)} but no {RUN_MARKER}, so it is not a moe_dist run "
                        f"dir and nothing in it is touched; choose another --train.name (a run of an older moe_dist: "
                        f"create {RUN_MARKER} there to adopt it)")
-    refuse_if_live("train", run_dir)  # before anything of a live run is read, resumed from or overwritten
+    # Before anything of a live run is read, resumed from or overwritten; agreed, as a writer may start between
+    # two ranks' looks.
+    holder = first_problem(live_holder(run_dir))
+    if holder is not None:
+        raise RunInUseError(in_use_message("train", run_dir, holder))
     if found and not resuming and not overwrite:
         raise RunError(f"train: {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                        f"--overwrite to replace it, or choose another --train.name")
@@ -144,7 +148,7 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
     else:
         data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
     check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size,
-                     cfg.train.grad_accum, cfg.train.eval_steps)
+                     cfg.train.grad_accum)
     if tokenizer is not None and not tokenized_with(data_dir, tokenizer):
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, the one of "
                         f"train.init_from; prepare it with python -m moe_dist.data.prep --tokenizer "
