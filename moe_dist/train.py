@@ -184,7 +184,6 @@ class Preemption:
         signal.signal(signal.SIGTERM, self.previous)
 
 
-
 class Trainer:
     """One run: set up from a checked start, then the loop, then one of three endings."""
 
@@ -226,6 +225,11 @@ class Trainer:
             print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
                   f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {start.data_dir}",
                   flush=True)
+        # An evaluation reads each val window at most once: beyond the split, more steps would only repeat it.
+        self.eval_steps = min(cfg.train.eval_steps, self.val_data.global_batches())
+        if self.eval_steps < cfg.train.eval_steps and runtime.rank == 0:
+            print(f"train.eval_steps = {cfg.train.eval_steps} is more than the {self.eval_steps} global batches of the "
+                  f"val split at {runtime.world_size} ranks: each evaluation reads those", flush=True)
         self.tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
         self.logger = MetricsLogger(self.run_dir, runtime.rank, cfg.train.steps, self.step, self.tokens_per_step,
                                     training_flops_per_token(cfg), cfg.metrics.tensorboard)
@@ -243,11 +247,11 @@ class Trainer:
         return flags[0].item() > 0
 
     def evaluate(self) -> float:
-        batches = [to_device(next(self.val_data), self.runtime.device) for _ in range(self.cfg.train.eval_steps)]
+        batches = [to_device(next(self.val_data), self.runtime.device) for _ in range(self.eval_steps)]
         self.val_data.reset()
         loss, targets = evaluate(self.model, batches)
         if targets == 0 and self.runtime.rank == 0:
-            print(f"warning: step {self.step}: the validation batches (train.eval_steps = {self.cfg.train.eval_steps})"
+            print(f"warning: step {self.step}: the validation batches (train.eval_steps = {self.eval_steps})"
                   f" have no target that counts: no validation loss", file=sys.stderr, flush=True)
         self.logger.eval(self.step, loss)
         return loss

@@ -19,7 +19,7 @@ import pytest
 from moe_dist import train
 from moe_dist.config import ConfigError, load_config
 from moe_dist.data import DataError, corpus, prep
-from moe_dist.data.chat import ChatRenderer
+from moe_dist.data.chat import EXACT_ANSWERS, ChatRenderer
 from moe_dist.data.flags import LOSS
 from moe_dist.data.loader import check_compatible
 from moe_dist.data.prep import RecordOptions, prepare
@@ -62,15 +62,15 @@ PEEKING = ("{% for m in messages %}{{ m.role }}: {{ m.content }}{% if loop.last 
 
 
 @pytest.mark.parametrize("template", [None, SYSTEM_FIRST])
-def test_a_chat_is_rendered_as_often_at_a_thousand_turns_as_at_ten(monkeypatch, template):
-    """Each rendering is linear in the chat; a count that grows with the turns (two per answer, as before) made
-    prep quadratic: a 10,000-turn chat ran for minutes."""
+def test_a_long_chat_is_rendered_as_often_at_a_thousand_turns_as_at_a_hundred(monkeypatch, template):
+    """Each rendering is linear in the chat; a count that grows with the turns (two per answer, as before, and as
+    still for chats of up to EXACT_ANSWERS answers) made prep quadratic: a 10,000-turn chat ran for minutes."""
     calls = []
     render = ChatRenderer.render
     monkeypatch.setattr(ChatRenderer, "render", lambda self, *args: calls.append(1) or render(self, *args))
     renderer = ChatRenderer(template, "<s>", EOS_TOKEN)
     counts = []
-    for turns in (10, 1000):
+    for turns in (100, 1000):
         calls.clear()
         renderer.example([{"role": "system", "content": "Be brief."}, *chat(turns)], "x")
         counts.append(len(calls))
@@ -80,11 +80,24 @@ def test_a_chat_is_rendered_as_often_at_a_thousand_turns_as_at_ten(monkeypatch, 
 @pytest.mark.parametrize("template", [None, SYSTEM_FIRST, PEEKING])
 def test_the_answers_of_one_rendering_are_those_of_the_chat_rendered_turn_by_turn(template):
     renderer = ChatRenderer(template, "<s>", EOS_TOKEN)
-    messages = [{"role": "system", "content": "Be brief."}, *chat(9)]
+    messages = [{"role": "system", "content": "Be brief."}, *chat(2 * EXACT_ANSWERS + 6)]
     example = renderer.example(messages, "x")
     answers = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
     assert example.spans == [renderer._span(messages, i, example.text, "x") for i in answers]
     assert example.text[slice(*example.spans[0])].startswith("turn 1: because.")
+
+
+# Renders a middle answer otherwise once the chat has grown past it (as templates that strip earlier answers'
+# reasoning do): earlier turns change with later ones, but the first and last answers do not show it.
+REWRITING = ("{% for m in messages %}{{ m.role }}: {% if m.role == 'assistant' and messages|length > loop.index0 + 1 "
+             "and loop.index0 > 1 %}[old]{% endif %}{{ m.content }}\n{% endfor %}"
+             "{% if add_generation_prompt %}assistant: {% endif %}")
+
+
+def test_a_template_that_rewrites_earlier_answers_is_refused():
+    renderer = ChatRenderer(REWRITING, "<s>", EOS_TOKEN)
+    with pytest.raises(DataError, match="does not render this chat turn by turn"):
+        renderer.example(chat(6), "x")
 
 
 # --- records with nothing to learn ---------------------------------------------------------------------------
@@ -159,18 +172,13 @@ def documents(tmp_path_factory) -> Path:
     return prepare([source], root / "data", 512, workers=1, val_fraction=0.1)
 
 
-def test_a_step_reads_no_window_twice_in_either_split(documents):
+def test_a_training_step_reads_no_window_twice(documents):
     manifest = json.loads((documents / "manifest.json").read_text())
     train_batches = (manifest["splits"]["train"]["tokens"] - 1) // 64 // 2
-    val_batches = (manifest["splits"]["val"]["tokens"] - 1) // 64 // 2
-    assert train_batches > val_batches >= 1
-    check_compatible(documents, 512, 64, 2, 1, grad_accum=train_batches, eval_steps=val_batches)
+    check_compatible(documents, 512, 64, 2, 1, grad_accum=train_batches)
     with pytest.raises(DataError, match=rf"^data: train.grad_accum = 1,000,000,000 must be at most {train_batches}, "
                                         rf"the global batches of 1 ranks x 2 sequences in split 'train'"):
         check_compatible(documents, 512, 64, 2, 1, grad_accum=10**9)
-    with pytest.raises(DataError, match=rf"^data: train.eval_steps = {val_batches + 1} must be at most "
-                                        rf"{val_batches}, the global batches of 1 ranks x 2 sequences in split 'val'"):
-        check_compatible(documents, 512, 64, 2, 1, eval_steps=val_batches + 1)
 
 
 def test_a_huge_grad_accum_is_refused_before_the_run_dir_is_written(tmp_path, capsys, documents):
@@ -180,6 +188,13 @@ def test_a_huge_grad_accum_is_refused_before_the_run_dir_is_written(tmp_path, ca
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "data: train.grad_accum = 1,000,000,000 must be at most" in err, err
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_huge_eval_steps_reads_the_val_split_once(tmp_path, capsys, documents):
+    argv = trainer_args(tmp_path / "runs", documents, *SMALL_MODEL, "--data.micro_batch", "2", "--train.steps", "1",
+                        "--train.eval_steps", "1000000000")
+    assert train.main(argv) == 0
+    assert "train.eval_steps = 1000000000 is more than the " in capsys.readouterr().out
 
 
 def test_a_huge_lr_is_refused_naming_its_range():

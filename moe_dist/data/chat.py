@@ -7,11 +7,12 @@ tokenizer's chat template (the `chat_template` of a Hugging Face tokenizer_confi
 else with BUILTIN_TEMPLATE; the loss is taken on each assistant turn as the template renders it (its content
 and end-of-turn text). A pair is prompt + completion + EOS, the loss on completion + EOS.
 
-Finding the turns costs one rendering of the chat (and of the chat up to its last answer), not one per turn:
-the chat is rendered once, noting how much text there was when the template's loop over the messages fetched
-each one, which is where the turn before it ends. The first and last answers are checked against the chat
-rendered up to them; where they disagree (a template that looks ahead or buffers its output), every answer is
-found that way, turn by turn.
+Each answer is found by rendering the chat up to it, which also checks that the template renders the chat turn
+by turn (earlier turns unchanged by later ones). That is two renderings per answer, quadratic in the turns, so
+beyond EXACT_ANSWERS answers a chat is rendered once, noting how much text there was when the template's loop
+over the messages fetched each one, which is where the turn before it ends; there the first and last answers
+are checked against the chat rendered up to them, and where they disagree (a template that looks ahead or
+buffers its output), every answer is found turn by turn after all.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from moe_dist.data.documents import unicode_text
 from moe_dist.data.tokenizer import tokenizer_config
 
 ROLES = ("system", "user", "assistant")
+EXACT_ANSWERS = 32  # up to this many answers, a chat costs at most 65 renderings: check every turn
 # One line of role marker per turn; the assistant's turn ends with the EOS token, which it learns to emit.
 BUILTIN_TEMPLATE = ("{% for m in messages %}{{ '<|' + m.role + '|>\\n' + m.content }}"
                     "{% if m.role == 'assistant' %}{{ eos_token }}{% endif %}{{ '\\n' }}{% endfor %}"
@@ -97,10 +99,12 @@ class ChatRenderer:
         return len(prompt), len(upto)
 
     def example(self, messages: list[dict], where: str) -> Example:
-        """The whole chat, the loss on each assistant turn (its _span), rendered once (see the module's doc)."""
+        """The whole chat, the loss on each assistant turn (its _span; see the module's doc)."""
         starts: dict[int, int] = {}
         text = self.render(messages, False, where, starts)
         answers = [i for i, message in enumerate(messages) if message["role"] == "assistant"]
+        if len(answers) <= EXACT_ANSWERS:
+            return Example(text, [self._span(messages, i, text, where) for i in answers])
         first, last = answers[0], answers[-1]
         exact = {i: self._span(messages, i, text, where) for i in {first, last}}
         spans = []

@@ -136,10 +136,10 @@ def _has_targets(shards: TokenShards) -> bool:
 
 
 def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_batch: int, world_size: int,
-                     grad_accum: int = 1, eval_steps: int = 1) -> None:
+                     grad_accum: int = 1) -> None:
     """DataError unless the prepared data fits a model of vocab_size, with the manifest's tokenizer and dtype,
-    each split holds targets and at least one global batch, and one step reads no window twice: a training step
-    (grad_accum global batches) from the train split, an evaluation (eval_steps of them) from the val split."""
+    each split holds targets and at least one global batch, and a training step (grad_accum global batches) fits
+    in the train split. (An evaluation reads at most the whole val split: DataLoader.global_batches.)"""
     manifest = read_manifest(Path(data_dir))
     tokenizer = Path(data_dir) / manifest["tokenizer"]["file"]
     if not tokenizer.is_file():
@@ -151,7 +151,7 @@ def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_
     if manifest["vocab_size"] != vocab_size:
         raise DataError(f"data: {Path(data_dir) / MANIFEST} was prepared for vocab_size {manifest['vocab_size']}, "
                         f"but model.vocab_size is {vocab_size}")
-    for split, key, steps in (("train", "train.grad_accum", grad_accum), ("val", "train.eval_steps", eval_steps)):
+    for split in ("train", "val"):
         shards = TokenShards(data_dir, split)
         windows = len(windows_of(shards, seq_len)[0])
         _check_global_batch(windows, len(shards), split, data_dir, seq_len, micro_batch, world_size)
@@ -159,9 +159,9 @@ def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_
             raise DataError(f"data: split {split!r} of {data_dir} has no target token (every answer cut off or "
                             f"empty), so nothing to learn; prepare it again (prep drops such records)")
         batches = windows // (world_size * micro_batch)
-        if steps > batches:
-            raise DataError(f"data: {key} = {steps:,} must be at most {batches:,}, the global batches of "
-                            f"{world_size} ranks x {micro_batch} sequences in split {split!r} of {data_dir} "
+        if split == "train" and grad_accum > batches:
+            raise DataError(f"data: train.grad_accum = {grad_accum:,} must be at most {batches:,}, the global batches "
+                            f"of {world_size} ranks x {micro_batch} sequences in split {split!r} of {data_dir} "
                             f"({windows:,} windows): one step reads each of its windows once")
 
 
@@ -239,6 +239,10 @@ class DataLoader:
             index = np.arange(self.seq_len)
             positions = torch.from_numpy(index - np.maximum.accumulate(np.where(starts, index, 0), axis=1))
         return batch._replace(segments=torch.from_numpy(segments), positions=positions)
+
+    def global_batches(self) -> int:
+        """The global batches of one epoch."""
+        return self.n_windows // self.global_batch
 
     def reset(self) -> None:
         """Back to the first batch of epoch 0."""
