@@ -11,6 +11,7 @@ BIN := $(VENV)/bin
 .PHONY: install train test bench gpu-check clean
 
 PIP_TORCH = $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH)"
+CUDA_TORCH = $(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'
 
 # torch goes first, from $(TORCH), so the project's `torch>=2.6` is already satisfied and pip
 # never pulls a multi-GB CUDA build on a CPU machine. Where nvidia-smi lists a GPU, torch must be a CUDA build
@@ -19,14 +20,15 @@ PIP_TORCH = $(BIN)/python -m pip install -q $(if $(TORCH_INDEX),--index-url $(TO
 install:
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(PIP_TORCH)
-	@if nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && \
-	    ! $(BIN)/python -c 'import sys, torch; sys.exit(torch.version.cuda is None)'; then \
+	@if timeout 20 nvidia-smi -L 2>/dev/null | grep -q '^GPU ' && ! $(CUDA_TORCH); then \
 	  if [ -z "$(TORCH_INDEX)" ]; then \
 	    echo "install: nvidia-smi lists a GPU but $(TORCH) in $(VENV) is a CPU build (torch.version.cuda is None):" \
 	      "make install TORCH_INDEX=https://download.pytorch.org/whl/cu128 (a CUDA version the driver runs)" >&2; \
 	    exit 1; \
 	  fi; \
-	  $(PIP_TORCH) --force-reinstall --no-deps; \
+	  $(PIP_TORCH) --force-reinstall && $(CUDA_TORCH) || { \
+	    echo "install: $(TORCH) from $(TORCH_INDEX) is still not a CUDA build (torch.version.cuda is None)" >&2; \
+	    exit 1; }; \
 	fi
 	$(BIN)/python -m pip install -q -e ".[dev]"
 

@@ -36,6 +36,7 @@ DATASHEET_BF16_TFLOPS = {
     ("H800", "PCIe"): 756.0,
     ("H200", ""): 989.4,
     ("H200", "NVL"): 835.0,
+    ("GH200", ""): 989.4,  # the Grace Hopper superchip's GPU: an H100 / H200 (SXM peak)
     ("B200", ""): 2250.0,
 }
 

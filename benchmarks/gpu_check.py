@@ -155,7 +155,10 @@ def nccl_equivalence() -> list[list]:
 def visible_gpus() -> str | None:
     """What says a GPU is here whether or not torch can use it (nvidia-smi's list, CUDA_VISIBLE_DEVICES), or None."""
     if shutil.which("nvidia-smi"):
-        listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True).stdout
+        try:  # a broken driver can hang nvidia-smi
+            listed = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+        except subprocess.TimeoutExpired:
+            return "nvidia-smi is installed but did not answer in 20 s"
         gpus = [line for line in listed.splitlines() if line.startswith("GPU ")]
         if gpus:
             return f"nvidia-smi lists {len(gpus)} GPU(s)"

@@ -95,7 +95,9 @@ def select_backend(x: Tensor, *weights: Tensor, counts: Tensor | None = None) ->
     if counts is None or device_type != "cpu":
         # No timing off CPU: none in RESULTS.md says the rule is wrong there, and padded syncs with the host on
         # every call, a cost that a synchronized one-off timing would not charge it for.
-        capability = torch.cuda.get_device_capability(x.device) if device_type == "cuda" else None
+        # ROCm reports its gfx9 parts as capability 9.x: only NVIDIA's sm90 / sm100 have torch's grouped kernel.
+        nvidia = device_type == "cuda" and torch.version.hip is None
+        capability = torch.cuda.get_device_capability(x.device) if nvidia else None
         return rule_backend(device_type, capability, x.dtype, None)
     max_rows = int(counts.max())  # reading counts is a host sync, free on CPU only
     rule = rule_backend(device_type, None, x.dtype, max_rows)

@@ -15,6 +15,9 @@ from pathlib import Path
 
 CHUNK_BYTES = 1 << 24
 
+_AT_FDCWD = -100
+_RENAME_EXCHANGE = 2
+
 
 class WriteError(RuntimeError):
     """The filesystem refused a write (full, over quota, read-only, ...): one line naming the path."""
@@ -24,8 +27,6 @@ def refused_write(program: str, error: OSError, path: Path | str | None = None) 
     """The one line for an OSError raised while writing `path` (an error's own file name wins)."""
     where = error.filename or path
     return f"{program}: cannot write {where}: {error.strerror or error}"
-_AT_FDCWD = -100
-_RENAME_EXCHANGE = 2
 
 
 def file_crc32(path: Path) -> str:

@@ -44,11 +44,13 @@ def fake_cuda_tensor(*shape: int, dtype: torch.dtype = torch.bfloat16) -> Simple
                            element_size=lambda: torch.empty((), dtype=dtype).element_size())
 
 
-@pytest.mark.parametrize("capability,expected", [((8, 0), "padded"), ((9, 0), "grouped_mm")])
-def test_auto_on_cuda_asks_the_compute_capability(monkeypatch, capability, expected):
+@pytest.mark.parametrize("capability,hip,expected", [((8, 0), None, "padded"), ((9, 0), None, "grouped_mm"),
+                                                      ((9, 4), "6.4", "padded")])  # ROCm's gfx942 says 9.4
+def test_auto_on_cuda_asks_the_compute_capability(monkeypatch, capability, hip, expected):
     """`auto` on a GPU where torch._grouped_mm runs (as it does on any CUDA GPU, fast or not)."""
     monkeypatch.setattr(kernels.grouped_mm, "_grouped_mm_runs", lambda device_type, dtype: True)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: capability)
+    monkeypatch.setattr(torch.version, "hip", hip)
     assert select_backend(fake_cuda_tensor(64, 512), fake_cuda_tensor(4, 512, 1024)) == expected
 
 
@@ -57,7 +59,7 @@ def test_auto_on_cuda_asks_the_compute_capability(monkeypatch, capability, expec
     ("NVIDIA H200", 989.4), ("NVIDIA H200 NVL", 835.0), ("NVIDIA H800", 989.4), ("NVIDIA H800 PCIe", 756.0),
     ("NVIDIA B200", 2250.0), ("NVIDIA L40S", 362.05), ("NVIDIA A100-SXM4-80GB", 312.0),
     ("NVIDIA A100 80GB PCIe", 312.0),
-    ("NVIDIA L40", None), ("NVIDIA GH200 480GB", None), ("NVIDIA GeForce RTX 4090", None),
+    ("NVIDIA GH200 480GB", 989.4), ("NVIDIA L40", None), ("NVIDIA GeForce RTX 4090", None),
 ])
 def test_datasheet_peak_by_device_name(name, tflops):
     assert common.peak_flops(name) == (None if tflops is None else tflops * 1e12)
@@ -82,7 +84,9 @@ def fake_install(tmp_path):
     bin_dir.mkdir(parents=True)
     tools.mkdir()
     log = tmp_path / "pip.log"
-    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then exit 1; fi\necho "$*" >> {log}\n')
+    # `python -c` (is torch a CUDA build?) says yes once torch was reinstalled from an index.
+    (bin_dir / "python").write_text(f'#!/bin/sh\nif [ "$1" = -c ]; then grep -q force-reinstall {log}; exit; fi\n'
+                                    f'echo "$*" >> {log}\n')
     (tools / "nvidia-smi").write_text("#!/bin/sh\necho 'GPU 0: NVIDIA H200 (UUID: GPU-0)'\n")
     for stub in (bin_dir / "python", tools / "nvidia-smi"):
         stub.chmod(0o755)
