@@ -154,7 +154,7 @@ def check_out_dir(out: Path, checkpoint: Path) -> Path:
 def write_export(model: Transformer, cfg: Config, tokenizer_path: Path | None, out: Path, family: Family | None,
                   dtype: str) -> None:
     if family is not None:
-        token_ids = source_token_ids(cfg)  # an imported model's: the source's exactly
+        token_ids = source_token_ids(cfg, tokenizer_path.parent if tokenizer_path else None)  # the source's exactly
         if token_ids is None and cfg.train.init_from and not is_native_export(cfg.train.init_from):
             print(f"export: warning: train.init_from = {cfg.train.init_from}, the model this run was imported from, "
                   f"has no {HF_CONFIG} any more: its special-token ids are not carried", file=sys.stderr)

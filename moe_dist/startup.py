@@ -25,7 +25,7 @@ from moe_dist.data.loader import check_compatible
 from moe_dist.data.manifest import read_manifest
 from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
-from moe_dist.hf.config import hf_tokenizer
+from moe_dist.hf.config import SOURCE_TOKEN_IDS, hf_tokenizer, source_token_ids
 from moe_dist.hf.weights import HFWeights, open_init_weights
 from moe_dist.parallel.agreement import first_problem
 from moe_dist.run_lock import RunInUseError, RunLock, in_use_message, live_holder
@@ -36,8 +36,8 @@ class RunError(RuntimeError):
 
 
 RUN_MARKER = "moe_dist-run.json"
-RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", "checkpoints", "tensorboard",
-             "plots")
+RUN_FILES = ("config.toml", "metrics.jsonl", "tokenizer.json", "tokenizer_config.json", SOURCE_TOKEN_IDS, "checkpoints",
+             "tensorboard", "plots")
 # What fixes the parameters' shapes: a checkpoint only loads into a model with the same values.
 SHAPE_KEYS = ("model.vocab_size", "model.dim", "model.n_layers", "model.n_heads", "model.n_kv_heads",
               "model.ffn_hidden", "moe.num_experts", "moe.expert_hidden", "moe.shared_expert_hidden",
@@ -199,6 +199,9 @@ def _write_run_files(cfg: Config, start: RunStart, overwrite: bool) -> None:
     source_config = Path(cfg.train.init_from) / TOKENIZER_CONFIG if cfg.train.init_from else None
     if source_config is not None and source_config.is_file():  # names its special tokens (the EOS) for export
         shutil.copyfile(source_config, run_dir / TOKENIZER_CONFIG)
+    token_ids = source_token_ids(cfg)  # export gives them back exactly, even once the source has gone
+    if token_ids is not None:
+        (run_dir / SOURCE_TOKEN_IDS).write_text(json.dumps(token_ids) + "\n")
 
 
 def claim_run(cfg: Config, start: RunStart, rank: int, overwrite: bool) -> RunLock | None:

@@ -194,6 +194,9 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     assert (resolved.model.qk_norm, resolved.model.head_dim, resolved.moe.dense_layers) == ("head", 16, [0])
     assert resolved.train.init_from == str(source)
     assert (run / "tokenizer.json").read_bytes() == (source / "tokenizer.json").read_bytes()
+    source_config = json.loads((source / "config.json").read_text())
+    assert json.loads((run / "source_token_ids.json").read_text()) == {
+        key: source_config[key] for key in ("bos_token_id", "eos_token_id", "pad_token_id") if key in source_config}
 
     out = tmp_path / "hf"
     assert export.main([str(run), "--out", str(out), "--format", "hf"]) == 0

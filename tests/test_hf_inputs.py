@@ -18,7 +18,7 @@ from moe_dist import export, train
 from moe_dist.data import prep
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
-from moe_dist.hf.config import config_from_hf, family_of, with_init_from
+from moe_dist.hf.config import SOURCE_TOKEN_IDS, config_from_hf, family_of, with_init_from
 from moe_dist.hf.weights import open_init_weights
 from moe_dist.model import Transformer
 from moe_dist.parallel.mesh import Runtime, build_mesh
@@ -147,7 +147,14 @@ def test_a_run_imported_from_hf_exports_its_sources_ids_not_its_tokenizers(tmp_p
     export.write_export(model, cfg, tokenizer, tmp_path / "out", family_of(cfg), "float32")
     assert source_ids(tmp_path / "out") == ids
 
+    # A run keeps a copy beside its tokenizer.json (startup writes it): the source may go.
+    (tmp_path / SOURCE_TOKEN_IDS).write_text(json.dumps(ids))
     (tmp_path / "src" / "config.json").unlink()
+    (tmp_path / "kept").mkdir()
+    export.write_export(model, cfg, tokenizer, tmp_path / "kept", family_of(cfg), "float32")
+    assert source_ids(tmp_path / "kept") == ids
+
+    (tmp_path / SOURCE_TOKEN_IDS).unlink()
     (tmp_path / "gone").mkdir()
     export.write_export(model, cfg, tokenizer, tmp_path / "gone", family_of(cfg), "float32")
     eos = train_tokenizer(["a b c"], 300).token_to_id(EOS_TOKEN)

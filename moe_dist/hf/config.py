@@ -58,6 +58,7 @@ FIXED = {"moe.score_func": "softmax", "moe.capacity_factor": 0.0, "moe.aux_free_
          "model.clip_qkv": 0.0}
 # config.json's special-token ids: an export of an imported model carries the source's exactly.
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
+SOURCE_TOKEN_IDS = "source_token_ids.json"  # a run's copy of them, beside its tokenizer.json
 
 
 def _integer(value: object) -> bool:
@@ -295,10 +296,14 @@ def _dense_layers_key(cfg: Config) -> str:
     return f"moe.dense_layers = {moe.dense_layers}"
 
 
-def source_token_ids(cfg: Config) -> dict[str, object] | None:
-    """The special-token ids of the Hugging Face model a run was imported from (train.init_from's config.json),
-    null included and absent ones left out (transformers' defaults then stand, as for the source); None for a
-    model of our own or one whose source is no longer there."""
+def source_token_ids(cfg: Config, run_files: Path | None = None) -> dict[str, object] | None:
+    """The special-token ids of the Hugging Face model a run was imported from, null included and absent ones left
+    out (transformers' defaults then stand, as for the source): the run's own copy in `run_files` (SOURCE_TOKEN_IDS,
+    written when it started, so that a source moved or deleted since does not matter), else train.init_from's
+    config.json; None for a model of our own or one whose source is no longer there."""
+    copy = run_files / SOURCE_TOKEN_IDS if run_files is not None else None
+    if copy is not None and copy.is_file():
+        return json.loads(copy.read_text())
     if not is_hf_dir(cfg.train.init_from):
         return None
     _, data, _ = read_hf_config(cfg.train.init_from)
