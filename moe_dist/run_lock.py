@@ -16,6 +16,8 @@ import socket
 import time
 from pathlib import Path
 
+from moe_dist.parallel.agreement import first_problem
+
 LOCK_FILE = "moe_dist-run.lock"
 # Filesystems that cannot lock (a Lustre mount without -o flock answers ENOSYS): the run goes on unguarded.
 _NO_LOCKS = (errno.ENOSYS, errno.ENOLCK, errno.EOPNOTSUPP)
@@ -100,7 +102,8 @@ def in_use_message(program: str, run_dir: Path, holder: str) -> str:
 
 
 def refuse_if_live(program: str, run_dir: Path) -> None:
-    """RunInUseError naming the holder when a live process writes to run_dir."""
-    holder = live_holder(run_dir)
+    """RunInUseError naming the holder when a live process writes to run_dir; on every rank alike when called by
+    every rank (a writer may start between two ranks' looks)."""
+    holder = first_problem(live_holder(run_dir))
     if holder is not None:
         raise RunInUseError(in_use_message(program, run_dir, holder))

@@ -28,7 +28,7 @@ from moe_dist.files import unwritable_reason
 from moe_dist.hf.config import SOURCE_TOKEN_IDS, hf_tokenizer, source_token_ids
 from moe_dist.hf.weights import HFWeights, open_init_weights
 from moe_dist.parallel.agreement import first_problem
-from moe_dist.run_lock import RunInUseError, RunLock, in_use_message, live_holder
+from moe_dist.run_lock import RunInUseError, RunLock, refuse_if_live
 
 
 class RunError(RuntimeError):
@@ -80,11 +80,7 @@ def check_run_dir(run_dir: Path, resuming: bool, overwrite: bool) -> None:
         raise RunError(f"train: {run_dir} holds {', '.join(found)} but no {RUN_MARKER}, so it is not a moe_dist run "
                        f"dir and nothing in it is touched; choose another --train.name (a run of an older moe_dist: "
                        f"create {RUN_MARKER} there to adopt it)")
-    # Before anything of a live run is read, resumed from or overwritten; agreed, as a writer may start between
-    # two ranks' looks.
-    holder = first_problem(live_holder(run_dir))
-    if holder is not None:
-        raise RunInUseError(in_use_message("train", run_dir, holder))
+    refuse_if_live("train", run_dir)  # before anything of a live run is read, resumed from or overwritten
     if found and not resuming and not overwrite:
         raise RunError(f"train: {run_dir} already holds a run ({', '.join(found)}); pass --resume to continue it, "
                        f"--overwrite to replace it, or choose another --train.name")

@@ -31,7 +31,7 @@ from moe_dist.model.transformer import is_moe_layer
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import clip_grad_norm_, local_part, parallelize
 from moe_dist.parallel.materialize import BlockReader, materialize
-from moe_dist.parallel.mesh import Runtime, build_mesh, init_distributed, resolve_mesh
+from moe_dist.parallel.mesh import Runtime, build_mesh, exit_process, init_distributed, resolve_mesh
 from moe_dist.params import count_params, training_flops_per_token
 from moe_dist.run_lock import RunInUseError
 from moe_dist.startup import RunError, RunStart, check_run, claim_run
@@ -396,6 +396,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    from moe_dist.parallel.mesh import exit_process
-
     exit_process(main())

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import multiprocessing
-import os
 import tempfile
 import traceback
 from pathlib import Path
@@ -12,15 +11,15 @@ from collections.abc import Callable
 import torch
 import torch.distributed as dist
 
-from moe_dist.parallel.mesh import exit_process, init_distributed
+from benchmarks.common import init_rank
+from moe_dist.parallel.mesh import exit_process
 
 
 def _worker(fn: Callable, rank: int, world_size: int, workdir: str, args: tuple) -> None:
     torch.set_num_threads(1)
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world_size), LOCAL_RANK=str(rank))
     code = 1
     try:
-        init_distributed("cpu", init_method=f"file://{workdir}/store")  # the trainer's own start
+        init_rank(rank, world_size, f"{workdir}/store", "cpu")  # the trainer's own start
         result = fn(rank, world_size, *args)
         torch.save(result, f"{workdir}/result-{rank}.pt")
         code = 0
