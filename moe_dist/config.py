@@ -43,6 +43,35 @@ class ModelConfig:
     qkv_bias: bool = False  # biases on the q, k and v projections (Qwen2-MoE)
     qk_norm: str = "none"  # none | head: RMSNorm per head on q and k (Qwen3) | full: over the whole projection (OLMoE)
     clip_qkv: float = num(0.0, "[0, inf)")  # clamp q, k and v to [-clip_qkv, clip_qkv] (OLMoE); 0 = off
+    out_bias: bool = False  # a bias on the attention output projection (gpt-oss)
+    attention_sinks: bool = False  # a learned logit per head that joins every softmax and takes no value (gpt-oss)
+    sliding_window: int = num(0, "[0, inf)")  # a query sees its last sliding_window keys, itself included; 0 = all
+    full_attention_layers: list[int] = field(default_factory=list)  # layers that ignore sliding_window
+    tie_embeddings: bool = False  # the output head is the embedding matrix
+    # Rotary embedding: on the first rotary_dim dims of each head (0 = all of them: partial rotary), in halves
+    # (x_i, x_{i + d/2}) or, with rope_interleave, in adjacent pairs (x_2i, x_2i+1); scaled as rope_scaling says.
+    rotary_dim: int = num(0, "[0, inf)")
+    rope_interleave: bool = False
+    rope_scaling: str = "none"  # none | linear | llama3 | yarn
+    rope_factor: float = num(1.0, "(0, inf)")  # how many times the original context the scaled rotary covers
+    rope_original_max_seq_len: int = num(0, "[0, inf)")  # llama3, yarn: the context before scaling
+    rope_low_freq_factor: float = num(1.0, "(0, inf)")  # llama3
+    rope_high_freq_factor: float = num(4.0, "(0, inf)")  # llama3
+    rope_beta_fast: float = num(32.0, "(0, inf)")  # yarn: the ramp between extrapolated and interpolated dims
+    rope_beta_slow: float = num(1.0, "(0, inf)")  # yarn
+    rope_truncate: bool = True  # yarn: the ramp's ends rounded to whole dims
+    rope_mscale: float = num(0.0, "[0, inf)")  # yarn: with rope_mscale_all_dim, DeepSeek's attention factor
+    rope_mscale_all_dim: float = num(0.0, "[0, inf)")  # yarn: and the softmax scale's mscale(factor)^2 (MLA)
+    rope_attention_factor: float = num(0.0, "[0, inf)")  # yarn: cos and sin scaled by it; 0 = from the factor
+    # Multi-head latent attention (DeepSeek-V3) instead of grouped-query attention: q through a q_lora_rank
+    # bottleneck (0 = a full projection), keys and values from a shared kv_lora_rank latent, heads of
+    # qk_nope_head_dim + qk_rope_head_dim for q and k (rotary on the second part only) and v_head_dim for v.
+    attention: str = "gqa"  # gqa | mla
+    q_lora_rank: int = num(0, "[0, inf)")
+    kv_lora_rank: int = num(512, "[1, inf)")
+    qk_nope_head_dim: int = num(128, "[0, inf)")
+    qk_rope_head_dim: int = num(64, "[2, inf)")
+    v_head_dim: int = num(128, "[1, inf)")
 
     @property
     def head_size(self) -> int:
@@ -65,6 +94,13 @@ class MoEConfig:
     capacity_factor: float = num(0.0, "[0, inf)")  # 0 = dropless; else tokens per expert per sequence are capped
     shared_expert_hidden: int = num(0, "[0, inf)")  # 0 = no shared expert
     shared_expert_gate: bool = False  # the shared expert's output scaled by sigmoid(x . w) per token (Qwen2-MoE)
+    router_bias: bool = False  # a bias on the router's logits (gpt-oss)
+    expert_biases: bool = False  # biases on the experts' projections (gpt-oss)
+    # The experts' activation: swiglu, silu(x w1) * (x w3); or clamped_swiglu (gpt-oss), with g = min(x w1, limit)
+    # and u = clamp(x w3, -limit, limit): g * sigmoid(swiglu_alpha * g) * (u + 1).
+    expert_act: str = "swiglu"  # swiglu | clamped_swiglu
+    swiglu_alpha: float = num(1.702, "(0, inf)")
+    swiglu_limit: float = num(7.0, "(0, inf)")
     dense_layers: list[int] = field(default_factory=list)  # layers kept dense whatever the pattern above
     # DeepSeek-V3 routing: experts in n_group equal groups, a token routed within its topk_group best groups
     # (with EP groups aligned to ranks, node-limited routing); combine weights scaled by routed_scaling_factor.
@@ -158,6 +194,9 @@ class Config:
 
 CHOICES = {
     "model.qk_norm": ("none", "head", "full"),
+    "model.attention": ("gqa", "mla"),
+    "model.rope_scaling": ("none", "linear", "llama3", "yarn"),
+    "moe.expert_act": ("swiglu", "clamped_swiglu"),
     "moe.score_func": ("softmax", "sigmoid"),
     "moe.grouped_mm_backend": ("auto", "grouped_mm", "padded", "loop"),
     "parallel.param_dtype": ("auto", "float32", "bfloat16"),
@@ -351,6 +390,15 @@ def validate(cfg: Config) -> None:
            f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim} (or set model.head_dim)")
     _check(m.head_size % 2 == 0, f"the head size {m.head_size} (model.head_dim, or model.dim / model.n_heads) "
                                  f"must be even (rotary)")
+    _check(m.rotary_dim <= m.head_size and m.rotary_dim % 2 == 0,
+           f"model.rotary_dim = {m.rotary_dim} must be even and at most the head size {m.head_size}")
+    _check(m.rope_scaling not in ("llama3", "yarn") or m.rope_original_max_seq_len > 0,
+           f"model.rope_scaling = {m.rope_scaling!r} needs model.rope_original_max_seq_len > 0")
+    _check(m.attention != "mla" or m.qk_rope_head_dim % 2 == 0,
+           f"model.qk_rope_head_dim = {m.qk_rope_head_dim} must be even (rotary)")
+    _check(all(0 <= i < m.n_layers for i in m.full_attention_layers),
+           f"model.full_attention_layers = {m.full_attention_layers} must hold layer numbers in "
+           f"[0, model.n_layers = {m.n_layers})")
     _check(m.n_heads % m.n_kv_heads == 0,
            f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
     _check(cfg.data.seq_len <= m.max_seq_len,
