@@ -121,8 +121,12 @@ def consolidated_state_dict(model: Transformer, dtype: torch.dtype) -> dict[str,
 def hf_blocker(cfg: Config, model: Transformer, family: Family) -> str | None:
     """What keeps the model from mapping onto `family`, as a phrase naming the key; None if it maps."""
     reason = family_blocker(cfg, family)
-    if reason is None and cfg.moe.aux_free_bias and any(m.router.expert_bias.any() for m in moe_layers(model)):
-        reason = "moe.aux_free_bias = true with a nonzero learned expert_bias (transformers has no selection bias)"
+    biased = any(m.router.expert_bias.any() for m in moe_layers(model))
+    if reason is None and biased and family.correction_bias is None and cfg.moe.aux_free_bias:
+        reason = (f"moe.aux_free_bias = true with a nonzero learned expert_bias ({family.architecture} has no "
+                  f"selection bias)")
+    if reason is None and biased and not cfg.moe.aux_free_bias:
+        reason = "moe.aux_free_bias = false with a nonzero expert_bias, which transformers would select with"
     return reason
 
 

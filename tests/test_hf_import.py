@@ -24,9 +24,9 @@ from moe_dist.config import load_config
 from moe_dist.data import prep
 from moe_dist.data.tokenizer import EOS_TOKEN, train_tokenizer
 from moe_dist.hf.config import config_from_hf, family_of, with_init_from
-from moe_dist.hf.weights import import_model, open_init_weights
+from moe_dist.hf.weights import Absent, Interleaved, import_model, open_init_weights, weight_sources
 from moe_dist.model import Transformer
-from moe_dist.parallel.materialize import materialize, plain_name
+from moe_dist.parallel.materialize import filled_tensors, materialize, plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
 from runs import run_trainer, trainer_args, trainer_command
@@ -35,7 +35,8 @@ SEQ_LEN = 16
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
 TRAINING = {"data.seq_len": SEQ_LEN, "optim.lr": 1e-2, "optim.warmup_steps": 1, "optim.eps": 1e-4}
 # The layout each family is saved in for the distributed runs: both save_pretrained forms and the fused one.
-DISTRIBUTED_LAYOUTS = {"mixtral": "sharded", "qwen2_moe": "single", "qwen3_moe": "sharded", "olmoe": "fused"}
+DISTRIBUTED_LAYOUTS = {"mixtral": "sharded", "qwen2_moe": "single", "qwen3_moe": "sharded", "olmoe": "fused",
+                       "deepseek_v3": "quantized", "glm4_moe": "sharded", "gpt_oss": "quantized", "minimax_m2": "fused"}
 
 
 def logits(model: torch.nn.Module, tokens: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,13 @@ def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_p
         assert not any(info.values()), info  # no missing, unexpected or mismatched keys
         assert type(hf).__name__ == family.architecture
         assert relative_error(logits(hf.eval(), tokens()), logits(trained, tokens())) <= 1e-5
+        # Correction biases (trained by the aux-free updates), sinks and biases: bit for bit in transformers.
+        hf_state = hf.state_dict()
+        for name, source in weight_sources(cfg, family).items():
+            if name.endswith(("bias", "sinks")) and not isinstance(source, Absent):
+                key = source.key if source.key in hf_state else source.alias
+                stored = hf_state[key][..., source.offset::2] if isinstance(source, Interleaved) else hf_state[key]
+                assert torch.equal(stored, dict(filled_tensors(trained))[name]), (family.model_type, name)
 
 
 @pytest.mark.slow

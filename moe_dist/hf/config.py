@@ -1,47 +1,24 @@
-"""Hugging Face config.json <-> moe_dist config, for the MoE families moe_dist expresses exactly.
+"""Hugging Face config.json <-> moe_dist config, for the MoE families moe_dist expresses exactly (hf/families.py).
 
-Only what maps exactly is accepted: a config.json with a feature the model lacks (a sliding window, tied
-embeddings, another activation, rope scaling, an attention bias on the output) is refused with one line
-naming the key. Each family's routing and attention options become moe_dist's own (model.qk_norm,
-moe.shared_expert_gate, ...), so the model code knows nothing about Hugging Face.
+Only what maps exactly is accepted: a config.json with a feature the model lacks (another activation, a rope type
+other than default / linear / llama3 / yarn, jitter, dropout) is refused with one line naming the key. Each family's
+routing and attention options become moe_dist's own (model.qk_norm, model.attention, moe.shared_expert_gate, ...),
+so the model code knows nothing about Hugging Face.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
-from moe_dist.config import Config, ConfigError, DataConfig, load_config
+from moe_dist.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, load_config
+from moe_dist.hf.families import FAMILIES, MODEL_TYPES, NOT_YET, Family
 from moe_dist.model.transformer import is_moe_layer
 
 HF_CONFIG = "config.json"
 NATIVE_CONFIG = "config.toml"
 
-
-@dataclass(frozen=True)
-class Family:
-    """One transformers MoE family: its names for the expert count and size, and its checkpoint key names."""
-
-    model_type: str
-    architecture: str
-    num_experts_key: str
-    expert_hidden_key: str
-    moe_block: str  # the MoE module under model.layers.<i>.
-    expert_names: tuple[str, str, str]  # per-expert keys of (gate, up, down): experts.<j>.<name>.weight
-    default_rope_theta: float  # transformers' value when config.json has none
-
-
-FAMILIES = {f.model_type: f for f in (
-    Family("mixtral", "MixtralForCausalLM", "num_local_experts", "intermediate_size", "block_sparse_moe",
-           ("w1", "w3", "w2"), 1e6),
-    Family("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj"), 1e4),
-    Family("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj"), 1e4),
-    Family("olmoe", "OlmoeForCausalLM", "num_experts", "intermediate_size", "mlp",
-           ("gate_proj", "up_proj", "down_proj"), 1e4),
-)}
 
 # config.json key -> moe_dist key, for the keys that mean the same thing in every family.
 COMMON_KEYS = {
@@ -49,13 +26,23 @@ COMMON_KEYS = {
     "num_attention_heads": "model.n_heads", "max_position_embeddings": "model.max_seq_len",
     "rms_norm_eps": "model.norm_eps", "initializer_range": "model.init_std", "num_experts_per_tok": "moe.top_k",
 }
-# What every family is, in moe_dist's terms: softmax top-k routing over all experts, no capacity, no selection
-# bias, no z-loss (transformers has none); the family's own options are set by _family_values.
-FIXED = {"moe.score_func": "softmax", "moe.capacity_factor": 0.0, "moe.aux_free_bias": False, "moe.z_loss_coef": 0.0,
-         "moe.n_group": 1, "moe.topk_group": 1, "moe.routed_scaling_factor": 1.0, "moe.seq_aux_loss_coef": 0.0,
-         "moe.first_k_dense": 0, "moe.every_n_layers": 1, "moe.dense_layers": [], "moe.shared_expert_hidden": 0,
-         "moe.shared_expert_gate": False, "model.head_dim": 0, "model.qkv_bias": False, "model.qk_norm": "none",
-         "model.clip_qkv": 0.0}
+# What every family is unless its entry or config.json says otherwise, in moe_dist's terms: softmax top-k routing
+# over all experts, no capacity, no selection bias, no z-loss (transformers has none), full causal attention.
+FIXED = {**{f"model.{name}": value for name, value in asdict(ModelConfig()).items()
+            if name not in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "norm_eps", "init_std")},
+         **{f"moe.{name}": value for name, value in asdict(MoEConfig()).items()
+            if name not in ("top_k", "grouped_mm_backend", "bias_update_rate", "aux_loss_coef")},
+         "moe.capacity_factor": 0.0, "moe.aux_free_bias": False, "moe.z_loss_coef": 0.0, "moe.renormalize": False}
+# transformers' rope_parameters (rope_scaling before 5.0) -> moe_dist's, per scaling kind.
+ROPE_KEYS = {"factor": "model.rope_factor", "original_max_position_embeddings": "model.rope_original_max_seq_len",
+             "low_freq_factor": "model.rope_low_freq_factor", "high_freq_factor": "model.rope_high_freq_factor",
+             "beta_fast": "model.rope_beta_fast", "beta_slow": "model.rope_beta_slow",
+             "truncate": "model.rope_truncate", "mscale": "model.rope_mscale",
+             "mscale_all_dim": "model.rope_mscale_all_dim", "attention_factor": "model.rope_attention_factor"}
+ROPE_KINDS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "original_max_position_embeddings", "low_freq_factor", "high_freq_factor"),
+              "yarn": ("factor", "original_max_position_embeddings", "beta_fast", "beta_slow", "truncate", "mscale",
+                       "mscale_all_dim", "attention_factor")}
 # config.json's special-token ids: an export of an imported model carries the source's exactly.
 TOKEN_ID_KEYS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SOURCE_TOKEN_IDS = "source_token_ids.json"  # a run's copy of them, beside its tokenizer.json
@@ -71,11 +58,17 @@ VALUE_KINDS = {
     **dict.fromkeys(("vocab_size", "hidden_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads",
                      "max_position_embeddings", "num_experts_per_tok", "num_local_experts", "num_experts",
                      "intermediate_size", "moe_intermediate_size", "shared_expert_intermediate_size", "head_dim",
-                     "decoder_sparse_step"), "an integer"),
+                     "decoder_sparse_step", "n_routed_experts", "n_shared_experts", "first_k_dense_replace",
+                     "n_group", "topk_group", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "q_lora_rank", "sliding_window", "max_window_layers", "rotary_dim", "num_nextn_predict_layers",
+                     "rope_parameters.original_max_position_embeddings"), "an integer"),
     **dict.fromkeys(("rms_norm_eps", "initializer_range", "router_aux_loss_coef", "rope_theta", "clip_qkv",
-                     "router_jitter_noise", "attention_dropout", "rope_parameters.rope_theta"), "a number"),
-    **dict.fromkeys(("norm_topk_prob", "qkv_bias", "tie_word_embeddings", "use_sliding_window", "attention_bias"),
-                    "true or false"),
+                     "router_jitter_noise", "attention_dropout", "routed_scaling_factor", "swiglu_alpha",
+                     "swiglu_limit", "partial_rotary_factor", *(f"rope_parameters.{key}" for key in (
+                         "rope_theta", "partial_rotary_factor", "factor", "low_freq_factor", "high_freq_factor",
+                         "beta_fast", "beta_slow", "mscale", "mscale_all_dim", "attention_factor"))), "a number"),
+    **dict.fromkeys(("norm_topk_prob", "qkv_bias", "tie_word_embeddings", "use_sliding_window", "attention_bias",
+                     "use_qk_norm", "rope_interleave", "rope_parameters.truncate"), "true or false"),
     "mlp_only_layers": "a list of integers", "layer_types": "a list of strings",
     "rope_parameters": "an object", "rope_scaling": "an object",
 }
@@ -127,17 +120,34 @@ def read_hf_config(directory: str | Path) -> tuple[Family, dict, Path]:
     if not isinstance(data, dict):
         raise ConfigError(f"config: {path}: expected a JSON object, got {type(data).__name__}")
     model_type = data.get("model_type")
-    if model_type not in FAMILIES:
+    if model_type in NOT_YET:
+        raise ConfigError(f"config: {path}: model_type = {json.dumps(model_type)} is not supported yet "
+                          f"({NOT_YET[model_type]})")
+    if model_type not in MODEL_TYPES:
         raise ConfigError(f"config: {path}: model_type = {json.dumps(model_type)} is not supported "
-                          f"(supported: {', '.join(FAMILIES)})")
-    return FAMILIES[model_type], data, path
+                          f"(supported: {', '.join(MODEL_TYPES)})")
+    return MODEL_TYPES[model_type], data, path
 
 
-def _check_kinds(data: dict, path: Path) -> None:
+def _rope_parameters(family: Family, data: dict) -> dict:
+    """transformers 5's rope_parameters, or before it rope_scaling and rope_theta, or the family's defaults."""
+    given = data.get("rope_parameters") or data.get("rope_scaling")
+    params = {"rope_theta": data.get("rope_theta", family.default_rope_theta),
+              **({} if given else family.default_rope), **(given or {})}
+    for key in ("partial_rotary_factor", "rotary_dim"):  # top-level in GLM's and MiniMax's own config.json
+        if key in data:
+            params.setdefault(key, data[key])
+    if "type" in params:  # rope_scaling's name for it
+        params.setdefault("rope_type", params["type"])
+    params.setdefault("rope_type", "default")
+    return params
+
+
+def _check_kinds(data: dict, path: Path, rope: dict) -> None:
     """ConfigError naming the first value of another JSON type than moe_dist reads it as (VALUE_KINDS)."""
     values = {key: data.get(key) for key in VALUE_KINDS}
-    if isinstance(data.get("rope_parameters"), dict):  # where transformers 5 keeps rope_theta
-        values["rope_parameters.rope_theta"] = data["rope_parameters"].get("rope_theta")
+    values.update({f"rope_parameters.{key}": rope.get(key) for key in ("rope_theta", "partial_rotary_factor",
+                                                                        *ROPE_KEYS)})
     for key, value in values.items():
         if value is not None and not IS_KIND[VALUE_KINDS[key]](value):
             raise ConfigError(f"config: {path}: {key} = {json.dumps(value)} must be {VALUE_KINDS[key]}")
@@ -147,77 +157,85 @@ def _refusal(data: dict, path: Path, key: str, why: str) -> ConfigError:
     return ConfigError(f"config: {path}: {key} = {json.dumps(data.get(key))} is not supported ({why})")
 
 
-def _check_attention(family: Family, data: dict, path: Path) -> None:
-    """Refuse the attention features moe_dist lacks, naming the key."""
+def _check_refused(family: Family, data: dict, path: Path, rope: dict) -> None:
+    """Refuse the features moe_dist lacks, naming the key."""
     def refuse_if(bad: bool, key: str, why: str) -> None:
         if bad:
             raise _refusal(data, path, key, why)
 
-    refuse_if(data.get("sliding_window") is not None and family.model_type == "mixtral", "sliding_window",
-              "moe_dist attends over the whole sequence")
-    refuse_if(bool(data.get("use_sliding_window")), "use_sliding_window", "moe_dist attends over the whole sequence")
-    refuse_if(any(t != "full_attention" for t in data.get("layer_types") or []), "layer_types",
-              "moe_dist has full attention in every layer")
-    refuse_if(bool(data.get("tie_word_embeddings", False)), "tie_word_embeddings",
-              "moe_dist's embedding and output head are separate")
-    refuse_if(data.get("hidden_act", "silu") != "silu", "hidden_act", "the experts are SwiGLU")
-    refuse_if(bool(data.get("attention_bias", False)), "attention_bias",
-              "moe_dist's attention output projection has no bias")
+    if family.model_type != "gpt_oss":  # whose config.json says silu of an activation it does not use
+        refuse_if(data.get("hidden_act", "silu") != "silu", "hidden_act", "the experts are SwiGLU")
     for key in ("router_jitter_noise", "attention_dropout"):
         refuse_if(data.get(key, 0.0) not in (0, None), key, "moe_dist has no jitter or dropout; set it to 0")
+    refuse_if(family.model_type in ("deepseek_v3", "glm4_moe", "minimax_m2") and bool(data.get("attention_bias")),
+              "attention_bias", f"{family.architecture}'s attention has no output bias here")
+    refuse_if(family.model_type == "minimax_m2" and data.get("scoring_func", "sigmoid") != "sigmoid", "scoring_func",
+              "MiniMax-M2 scores experts with sigmoid")
     default_head = data["hidden_size"] // data["num_attention_heads"]
     refuse_if(family.model_type == "olmoe" and data.get("head_dim") not in (None, default_head), "head_dim",
               "OLMoE's k_norm is sized by hidden_size / num_attention_heads")
-    # Named by the key that scales: transformers 4's rope_scaling, or transformers 5's rope_parameters.
-    refuse_if(data.get("rope_scaling") is not None, "rope_scaling", "moe_dist's rotary embedding is unscaled")
-    refuse_if((data.get("rope_parameters") or {}).get("rope_type", "default") != "default", "rope_parameters",
-              "moe_dist's rotary embedding is unscaled")
+    key = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"  # named by the key that scales
+    refuse_if(rope["rope_type"] not in ROPE_KINDS, key, f"rope types: {', '.join(ROPE_KINDS)}")
 
 
-def _family_values(family: Family, data: dict) -> dict[str, object]:
-    """The moe_dist values of the family's own features."""
-    values: dict[str, object] = {"moe.num_experts": data[family.num_experts_key],
-                                 "moe.expert_hidden": data[family.expert_hidden_key]}
-    if family.model_type == "mixtral":
-        return {**values, "moe.renormalize": True}
-    values["moe.renormalize"] = bool(data.get("norm_topk_prob", False))
-    if family.model_type == "olmoe":
-        return {**values, "model.qk_norm": "full", "model.clip_qkv": float(data.get("clip_qkv") or 0.0)}
-    step = data.get("decoder_sparse_step", 1)  # layer i is sparse when (i + 1) % step == 0 ...
-    values.update({"model.ffn_hidden": data["intermediate_size"], "moe.first_k_dense": step - 1,
-                   "moe.every_n_layers": step, "moe.dense_layers": list(data.get("mlp_only_layers") or [])})
-    if family.model_type == "qwen2_moe":
-        return {**values, "model.qkv_bias": bool(data.get("qkv_bias", True)), "moe.shared_expert_gate": True,
-                "moe.shared_expert_hidden": data["shared_expert_intermediate_size"]}
-    return {**values, "model.qk_norm": "head"}
+def _rope_values(family: Family, data: dict, rope: dict, head_size: int) -> dict[str, object]:
+    kind = rope["rope_type"]
+    values = {"model.rope_theta": rope["rope_theta"], "model.rope_scaling": "none" if kind == "default" else kind}
+    values.update({ROPE_KEYS[key]: rope[key] for key in ROPE_KINDS[kind] if rope.get(key) is not None})
+    if kind in ("llama3", "yarn"):
+        values.setdefault("model.rope_original_max_seq_len", data["max_position_embeddings"])
+    if kind == "yarn" and rope.get("factor") is None:
+        values["model.rope_factor"] = data["max_position_embeddings"] / values["model.rope_original_max_seq_len"]
+    if "rotary_dim" in rope or "partial_rotary_factor" in rope:
+        rotary = rope.get("rotary_dim") or int(head_size * rope["partial_rotary_factor"])
+        values["model.rotary_dim"] = 0 if rotary == head_size else rotary
+    return values
+
+
+def _window_values(family: Family, data: dict) -> dict[str, object]:
+    """Sliding windows as transformers applies them: every layer (Mixtral, Qwen3-MoE), or the layers layer_types
+    names (gpt-oss, Qwen2-MoE, whose own default alternates below max_window_layers)."""
+    if family.model_type in ("qwen2_moe", "qwen3_moe") and not data.get("use_sliding_window"):
+        return {}
+    window = data.get("sliding_window") or 0
+    layers = data.get("layer_types")
+    if layers is None and family.model_type == "qwen2_moe":
+        layers = ["sliding_attention" if i % 2 == 0 and i < data.get("max_window_layers", 28) else "full_attention"
+                  for i in range(data["num_hidden_layers"])]
+    if layers is None and family.model_type == "gpt_oss":
+        layers = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(data["num_hidden_layers"])]
+    full = [i for i, kind in enumerate(layers or []) if kind != "sliding_attention"]
+    return {"model.sliding_window": window, "model.full_attention_layers": full} if window else {}
 
 
 def hf_values(directory: str | Path) -> dict[str, object]:
     """Every model.* and moe.* value of the Hugging Face model in `directory`, as moe_dist overrides."""
     family, data, path = read_hf_config(directory)
-    _check_kinds(data, path)
+    rope = _rope_parameters(family, data)
+    _check_kinds(data, path, rope)
     if data.get(family.num_experts_key) is None and "num_local_experts" in data:  # Qwen3-MoE's alias, which
         data[family.num_experts_key] = data["num_local_experts"]  # transformers 5 writes for num_experts
-    required = [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, "router_aux_loss_coef"]
+    required = [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, *family.required]
     required += [] if family.model_type == "olmoe" else ["num_key_value_heads"]  # OLMoE's default: the heads
-    required += {"qwen2_moe": ["intermediate_size", "shared_expert_intermediate_size"],
-                 "qwen3_moe": ["intermediate_size"]}.get(family.model_type, [])
     missing = [key for key in required if data.get(key) is None]
     if missing:
         raise ConfigError(f"config: {path}: missing {', '.join(missing)}")
-    _check_attention(family, data, path)
-    values = {**FIXED, **{ours: data[key] for key, ours in COMMON_KEYS.items()}, **_family_values(family, data)}
-    values["model.n_kv_heads"] = data.get("num_key_value_heads") or data["num_attention_heads"]
-    if data.get("head_dim") not in (None, data["hidden_size"] // data["num_attention_heads"]):
-        values["model.head_dim"] = data["head_dim"]
-    rope_theta = data.get("rope_theta", family.default_rope_theta)
-    values["model.rope_theta"] = (data.get("rope_parameters") or {}).get("rope_theta", rope_theta)
+    _check_refused(family, data, path, rope)
+    values = {**FIXED, **{ours: data[key] for key, ours in COMMON_KEYS.items()},
+              "moe.num_experts": data[family.num_experts_key], "moe.expert_hidden": data[family.expert_hidden_key],
+              "model.n_kv_heads": data.get("num_key_value_heads") or data["num_attention_heads"],
+              "model.tie_embeddings": bool(data.get("tie_word_embeddings", False))}
+    head_size = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
+    if head_size != data["hidden_size"] // data["num_attention_heads"]:
+        values["model.head_dim"] = head_size
+    values.update({**_rope_values(family, data, rope, head_size), **_window_values(family, data),
+                   **family.values(data)})
     try:
         shape = load_config(None, {**values, "data.seq_len": 1, "parallel.ep": 1})
     except ConfigError as e:  # a value out of range, named by our key: name the file too
         raise ConfigError(str(e).replace("config: ", f"config: {path}: ", 1)) from None
-    values["moe.aux_loss_coef"] = aux_loss_coef_from_hf(data["router_aux_loss_coef"], data["num_experts_per_tok"],
-                                                        moe_layer_count(shape))
+    values.setdefault("moe.aux_loss_coef", aux_loss_coef_from_hf(
+        data.get("router_aux_loss_coef") or 0.0, data["num_experts_per_tok"], moe_layer_count(shape)))
     return values
 
 
@@ -249,42 +267,23 @@ def with_init_from(name: str | None, overrides: dict[str, object]) -> Config:
 
 
 def family_of(cfg: Config) -> Family:
-    """The family whose layout a model's features imply: each family has one attention and shared-expert form."""
-    if cfg.model.qk_norm == "head":
-        return FAMILIES["qwen3_moe"]
-    if cfg.model.qk_norm == "full":
-        return FAMILIES["olmoe"]
-    return FAMILIES["qwen2_moe" if cfg.moe.shared_expert_gate else "mixtral"]
+    """The family whose layout a model's features imply (the first that holds them all), else Mixtral's."""
+    return next((family for family in FAMILIES.values() if family.check(cfg) is None), FAMILIES["mixtral"])
 
 
 def family_blocker(cfg: Config, family: Family) -> str | None:
     """The config key that keeps the model from mapping onto `family`, as a phrase; None if it maps."""
-    m, moe, name = cfg.model, cfg.moe, family.model_type
-    all_moe = moe_layer_count(cfg) == m.n_layers
-    wants_shared = name == "qwen2_moe"
-    checks = [
-        (moe.num_experts > 0, "moe.num_experts = 0 (a dense model)"),
-        (moe.score_func == "softmax", f"moe.score_func = {moe.score_func!r} (transformers routes with softmax)"),
-        (moe.topk_group == moe.n_group, f"moe.topk_group = {moe.topk_group} < moe.n_group = {moe.n_group} "
-                                        f"(transformers routes over all experts)"),
-        (moe.routed_scaling_factor == 1, f"moe.routed_scaling_factor = {moe.routed_scaling_factor} "
-                                         f"(transformers does not scale the weights)"),
-        (not moe.capacity_factor, f"moe.capacity_factor = {moe.capacity_factor} (transformers never drops tokens)"),
-        (name != "mixtral" or moe.renormalize, "moe.renormalize = false (Mixtral renormalises the top-k weights)"),
-        (bool(moe.shared_expert_hidden) == wants_shared and moe.shared_expert_gate == wants_shared,
-         f"moe.shared_expert_hidden = {moe.shared_expert_hidden}, moe.shared_expert_gate = "
-         f"{str(moe.shared_expert_gate).lower()} ({family.architecture} "
-         f"{'has a gated shared expert' if wants_shared else 'has no shared expert'})"),
-        (all_moe or name in ("qwen2_moe", "qwen3_moe"), f"{_dense_layers_key(cfg)} ({family.architecture} has no "
-                                                        f"dense layers)"),
-        (m.qk_norm == {"qwen3_moe": "head", "olmoe": "full"}.get(name, "none"),
-         f"model.qk_norm = {m.qk_norm!r} (not {family.architecture}'s)"),
-        (not m.qkv_bias or name == "qwen2_moe", f"model.qkv_bias = true ({family.architecture} has none)"),
-        (not m.clip_qkv or name == "olmoe", f"model.clip_qkv = {m.clip_qkv} ({family.architecture} has none)"),
-        (not m.head_dim or m.head_dim == m.dim // m.n_heads or name != "olmoe",
-         f"model.head_dim = {m.head_dim} (OLMoE's is model.dim / model.n_heads)"),
-    ]
-    return next((phrase for ok, phrase in checks if not ok), None)
+    if cfg.moe.num_experts == 0:
+        return "moe.num_experts = 0 (a dense model)"
+    failed = family.check(cfg)
+    if failed is None:
+        return None
+    key, _ = failed
+    if key == "moe.dense_layers":
+        return f"{_dense_layers_key(cfg)} ({family.architecture} has no dense layers there)"
+    section, name = key.split(".")
+    value = getattr(getattr(cfg, section), name)
+    return f"{key} = {json.dumps(value) if not isinstance(value, str) else repr(value)} (not {family.architecture}'s)"
 
 
 def _dense_layers_key(cfg: Config) -> str:
@@ -310,27 +309,49 @@ def source_token_ids(cfg: Config, run_files: Path | None = None) -> dict[str, ob
     return {key: data[key] for key in TOKEN_ID_KEYS if key in data}
 
 
+def _rope_config(cfg: Config, family: Family) -> dict[str, object]:
+    m = cfg.model
+    kind = "default" if m.rope_scaling == "none" else m.rope_scaling
+    rope = {"rope_type": kind, "rope_theta": m.rope_theta}
+    for key in ROPE_KINDS[kind]:
+        _, name = ROPE_KEYS[key].split(".")
+        value = getattr(m, name)
+        if key not in ("mscale", "mscale_all_dim", "attention_factor") or value:  # 0: absent, as transformers has it
+            rope[key] = value
+    if "model.rotary_dim" in family.holds:  # GLM-4.5 and MiniMax-M2 rotate part of each head
+        rotary = m.rotary_dim or m.head_size
+        rope["partial_rotary_factor"] = rotary / m.head_size
+        return {"rope_parameters": rope, **({"rotary_dim": rotary} if family.model_type == "minimax_m2" else {})}
+    return {"rope_parameters": rope}
+
+
+def _window_config(cfg: Config, family: Family) -> dict[str, object]:
+    m = cfg.model
+    if family.model_type == "mixtral":
+        return {"sliding_window": m.sliding_window or None}
+    if family.model_type == "qwen3_moe":
+        return {"use_sliding_window": bool(m.sliding_window), "sliding_window": m.sliding_window or None}
+    if family.model_type not in ("qwen2_moe", "gpt_oss"):
+        return {}
+    sliding = bool(m.sliding_window)
+    layers = ["sliding_attention" if sliding and i not in m.full_attention_layers else "full_attention"
+              for i in range(m.n_layers)]
+    window = {"sliding_window": m.sliding_window or None, "layer_types": layers}
+    return {**window, "use_sliding_window": sliding, "max_window_layers": m.n_layers} if family.model_type == (
+        "qwen2_moe") else window
+
+
 def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int | None,
               token_ids: dict[str, object] | None = None) -> dict:
     """config.json for the family's transformers class (checked with family_blocker first). Its special-token ids
     are `token_ids` exactly where given (source_token_ids), else `bos` and `eos`."""
     m, moe = cfg.model, cfg.moe
-    out = {"architectures": [family.architecture], "model_type": family.model_type, "torch_dtype": dtype,
-           **{key: getattr(getattr(cfg, ours.split(".")[0]), ours.split(".")[1]) for key, ours in COMMON_KEYS.items()},
-           "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size, "rope_theta": m.rope_theta,
-           family.num_experts_key: moe.num_experts, family.expert_hidden_key: moe.expert_hidden,
-           "router_aux_loss_coef": aux_loss_coef_to_hf(moe.aux_loss_coef, moe.top_k, moe_layer_count(cfg)),
-           "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": False, "use_cache": True,
-           "output_router_logits": False,
-           **({"bos_token_id": bos, "eos_token_id": eos} if token_ids is None else token_ids)}
-    if family.model_type == "mixtral":
-        return {**out, "sliding_window": None, "router_jitter_noise": 0.0}
-    out["norm_topk_prob"] = moe.renormalize
-    if family.model_type == "olmoe":
-        return {**out, "attention_bias": False, "clip_qkv": m.clip_qkv or None}
-    dense = [i for i in range(m.n_layers) if not is_moe_layer(i, moe)]
-    out.update({"intermediate_size": m.ffn_hidden, "decoder_sparse_step": 1, "mlp_only_layers": dense,
-                "use_sliding_window": False})
-    if family.model_type == "qwen2_moe":
-        return {**out, "qkv_bias": m.qkv_bias, "shared_expert_intermediate_size": moe.shared_expert_hidden}
-    return {**out, "attention_bias": False}
+    return {"architectures": [family.architecture], "model_type": family.model_type, "torch_dtype": dtype,
+            **{key: getattr(getattr(cfg, ours.split(".")[0]), ours.split(".")[1]) for key, ours in COMMON_KEYS.items()},
+            "num_key_value_heads": m.n_kv_heads, "head_dim": m.head_size,
+            family.num_experts_key: moe.num_experts, family.expert_hidden_key: moe.expert_hidden,
+            "router_aux_loss_coef": aux_loss_coef_to_hf(moe.aux_loss_coef, moe.top_k, moe_layer_count(cfg)),
+            "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": m.tie_embeddings,
+            "use_cache": True, "output_router_logits": False, **_rope_config(cfg, family),
+            **_window_config(cfg, family), **family.config(cfg),
+            **({"bos_token_id": bos, "eos_token_id": eos} if token_ids is None else token_ids)}

@@ -19,16 +19,16 @@ from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.config import Config
-from moe_dist.hf.config import Family, config_from_hf, is_native_export, read_hf_config
+from moe_dist.hf.config import config_from_hf, is_native_export, read_hf_config
+from moe_dist.hf.families import Family
+from moe_dist.hf.quantized import fp8_block_size, mxfp4_shape, quantized_tensors, read_fp8, read_mxfp4
 from moe_dist.memory import meta_model
 from moe_dist.model.transformer import Transformer, is_moe_layer
-from moe_dist.parallel.materialize import materialize
+from moe_dist.parallel.materialize import filled_tensors, materialize
 
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
-# Buffers some checkpoints carry: older HF ones' rotary tables (recomputed), a moe_dist export's selection bias
-# (restarted at 0 by a run that starts from it).
-IGNORED_SUFFIXES = ("rotary_emb.inv_freq", "router.expert_bias")
+IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)  # older HF checkpoints' rotary tables: recomputed
 FLOAT_DTYPES = ("F32", "F16", "BF16")
 Block = tuple[slice, ...]
 
@@ -56,37 +56,85 @@ class Experts:
         return self.per_expert.format(j=j)
 
 
-def weight_sources(cfg: Config, family: Family) -> dict[str, Plain | Experts]:
-    """moe_dist parameter name -> where the family's checkpoint holds it."""
+@dataclass(frozen=True)
+class Interleaved:
+    """Every other entry of the last dim of `key`, from `offset` (gpt-oss's gate_up_proj [E, D, 2H] and its bias
+    [E, 2H]: gate at the even columns, up at the odd ones); otherwise laid out as ours."""
+
+    key: str
+    offset: int
+
+
+@dataclass(frozen=True)
+class Absent:
+    """A buffer the family's checkpoint does not hold (a selection bias where it has none): its value is 0."""
+
+
+Source = Plain | Experts | Interleaved | Absent
+
+
+def _attention_sources(cfg: Config, ours: str, hf: str) -> dict[str, Source]:
+    m = cfg.model
+    names = ({"wq_a": "q_a_proj", "q_a_norm": "q_a_layernorm", "wq_b": "q_b_proj"} if m.q_lora_rank else
+             {"wq": "q_proj"})
+    if m.attention == "mla":
+        names.update({"wkv_a": "kv_a_proj_with_mqa", "kv_a_norm": "kv_a_layernorm", "wkv_b": "kv_b_proj"})
+    else:
+        names.update({"wk": "k_proj", "wv": "v_proj"})
+        names.update({"q_norm": "q_norm", "k_norm": "k_norm"} if m.qk_norm != "none" else {})
+    out = {f"{ours}attention.{name}.weight": Plain(f"{hf}self_attn.{key}.weight") for name, key in names.items()}
+    out[f"{ours}attention.wo.weight"] = Plain(f"{hf}self_attn.o_proj.weight")
+    biased = [*("qkv" if m.qkv_bias else ""), *("o" if m.out_bias else "")]
+    out.update({f"{ours}attention.w{name}.bias": Plain(f"{hf}self_attn.{name}_proj.bias") for name in biased})
+    if m.attention_sinks:
+        out[f"{ours}attention.sinks"] = Plain(f"{hf}self_attn.sinks")
+    return out
+
+
+def _expert_sources(cfg: Config, family: Family, ours: str, hf: str) -> dict[str, Source]:
+    moe = cfg.moe
+    block, fused = f"{hf}{family.moe_block}.", f"{hf}mlp."  # transformers 5 names its fused modules mlp
+    router = f"{ours}ffn.router."
+    out: dict[str, Source] = {router + "gate.weight": Plain(f"{block}{family.router}.weight", fused + "gate.weight")}
+    if moe.router_bias:
+        out[router + "gate.bias"] = Plain(f"{block}{family.router}.bias")
+    bias = family.correction_bias
+    out[router + "expert_bias"] = Plain(block + bias, fused + bias) if bias else Absent()
+    experts = f"{ours}ffn.experts."
+    if family.interleaved_experts:
+        for w, offset in (("w1", 0), ("w3", 1)):
+            out[experts + w] = Interleaved(f"{fused}experts.gate_up_proj", offset)
+            out[f"{experts}{w}_bias"] = Interleaved(f"{fused}experts.gate_up_proj_bias", offset)
+        out[experts + "w2"] = Plain(f"{fused}experts.down_proj")
+        out[experts + "w2_bias"] = Plain(f"{fused}experts.down_proj_bias")
+        return out
+    for w, name, fused_name, row0 in zip(("w1", "w3", "w2"), family.expert_names,
+                                         ("gate_up_proj", "gate_up_proj", "down_proj"), (0, moe.expert_hidden, 0)):
+        out[experts + w] = Experts(f"{block}experts.{{j}}.{name}.weight", f"{fused}experts.{fused_name}", row0)
+    return out
+
+
+def weight_sources(cfg: Config, family: Family) -> dict[str, Source]:
+    """moe_dist parameter (and selection-bias buffer) name -> where the family's checkpoint holds it."""
     m, moe = cfg.model, cfg.moe
-    out: dict[str, Plain | Experts] = {
-        "tok_embeddings.weight": Plain("model.embed_tokens.weight"), "norm.weight": Plain("model.norm.weight"),
-        "output.weight": Plain("lm_head.weight")}
+    out: dict[str, Source] = {"tok_embeddings.weight": Plain("model.embed_tokens.weight"),
+                              "norm.weight": Plain("model.norm.weight")}
+    if not m.tie_embeddings:
+        out["output.weight"] = Plain("lm_head.weight")
     swiglu = {"w1": "gate_proj", "w3": "up_proj", "w2": "down_proj"}
     for i in range(m.n_layers):
         ours, hf = f"layers.{i}.", f"model.layers.{i}."
         out[ours + "attention_norm.weight"] = Plain(hf + "input_layernorm.weight")
         out[ours + "ffn_norm.weight"] = Plain(hf + "post_attention_layernorm.weight")
-        for name in "qkvo":
-            out[f"{ours}attention.w{name}.weight"] = Plain(f"{hf}self_attn.{name}_proj.weight")
-            if m.qkv_bias and name != "o":
-                out[f"{ours}attention.w{name}.bias"] = Plain(f"{hf}self_attn.{name}_proj.bias")
-        if m.qk_norm != "none":
-            for name in "qk":
-                out[f"{ours}attention.{name}_norm.weight"] = Plain(f"{hf}self_attn.{name}_norm.weight")
+        out.update(_attention_sources(cfg, ours, hf))
         if not is_moe_layer(i, moe):
             for w, name in swiglu.items():
                 out[f"{ours}ffn.{w}.weight"] = Plain(f"{hf}mlp.{name}.weight")
             continue
-        block, fused = f"{hf}{family.moe_block}.", f"{hf}mlp."  # transformers 5 names its fused modules mlp
-        out[ours + "ffn.router.gate.weight"] = Plain(block + "gate.weight", fused + "gate.weight")
-        for w, name, fused_name, row0 in zip(("w1", "w3", "w2"), family.expert_names,
-                                             ("gate_up_proj", "gate_up_proj", "down_proj"), (0, moe.expert_hidden, 0)):
-            out[f"{ours}ffn.experts.{w}"] = Experts(f"{block}experts.{{j}}.{name}.weight",
-                                                    f"{fused}experts.{fused_name}", row0)
+        out.update(_expert_sources(cfg, family, ours, hf))
         if moe.shared_expert_hidden:
             for w, name in swiglu.items():
-                out[f"{ours}ffn.shared_expert.{w}.weight"] = Plain(f"{hf}mlp.shared_expert.{name}.weight")
+                out[f"{ours}ffn.shared_expert.{w}.weight"] = Plain(f"{hf}mlp.{family.shared}.{name}.weight")
         if moe.shared_expert_gate:
             out[ours + "ffn.shared_expert_gate.weight"] = Plain(f"{hf}mlp.shared_expert_gate.weight")
     return out
@@ -125,6 +173,9 @@ class HFCheckpoint:
             listed = next((key for key in keys if key not in present), None)
             if listed is not None:
                 raise CheckpointError(f"import: {index}: lists {listed} in {path.name}, which does not hold it")
+        # Quantized tensors are read as the float tensors they stand for (hf/quantized.py), dequantized by block.
+        self.quantized = quantized_tensors(files)
+        self.block_size = self._fp8_block_size() if any(q.format == "fp8" for q in self.quantized.values()) else None
 
     def _handle(self, path: Path):
         if path not in self._handles:
@@ -136,22 +187,55 @@ class HFCheckpoint:
                 raise CheckpointError(f"import: {path}: not a readable safetensors file ({e})") from None
         return self._handles[path]
 
+    def _fp8_block_size(self) -> tuple[int, int]:
+        config = self.directory / "config.json"
+        try:
+            return fp8_block_size(json.loads(config.read_text()).get("quantization_config") or {})
+        except (OSError, ValueError, AttributeError) as e:
+            raise CheckpointError(f"import: {config}: FP8 weights need a readable quantization_config ({e})") from None
+
     def __contains__(self, key: str) -> bool:
-        return key in self.files
+        return key in self.files or key in self.quantized
+
+    def keys(self) -> list[str]:
+        """Every tensor, a quantized one under the name it stands for."""
+        parts = {key for q in self.quantized.values() for key in (q.data, q.scales)}
+        return [key for key in self.files if key not in parts] + list(self.quantized)
+
+    def file_of(self, key: str) -> Path:
+        """The file holding `key`, else the model dir (for messages)."""
+        stored = self.quantized[key].data if key in self.quantized else key
+        return self.files.get(stored, self.directory)
 
     def shape(self, key: str) -> list[int]:
+        if key in self.quantized and self.quantized[key].format == "mxfp4":
+            return mxfp4_shape(self._stored_shape(self.quantized[key].data))
+        return self._stored_shape(key)
+
+    def _stored_shape(self, key: str) -> list[int]:
         return list(self._handle(self.files[key]).get_slice(key).get_shape())
 
     def dtype(self, key: str) -> str:
+        if key in self.quantized:
+            return "F32"  # what it dequantizes to
         return self._handle(self.files[key]).get_slice(key).get_dtype()
 
+    def _read_stored(self, key: str, block: Block) -> Tensor:
+        return self._handle(self.files[key]).get_slice(key)[block]
+
     def read(self, key: str, block: Block) -> Tensor:
-        """Only `block` of tensor `key`, read from its file; CheckpointError if a value is NaN or infinite (a model
-        that starts from it would skip every step)."""
-        values = self._handle(self.files[key]).get_slice(key)[block]
+        """Only `block` of tensor `key`, read from its file (and dequantized); CheckpointError if a value is NaN or
+        infinite (a model that starts from it would skip every step)."""
+        quantized = self.quantized.get(key)
+        if quantized is None:
+            values = self._read_stored(key, block)
+        elif quantized.format == "fp8":
+            values = read_fp8(self._read_stored, key, block, self.block_size)
+        else:
+            values = read_mxfp4(self._read_stored, key, block)
         low, high = torch.aminmax(values)  # one reduction over what was just read, no tensor of flags
         if not (low.isfinite() and high.isfinite()):
-            raise CheckpointError(f"import: {self.files[key]}: tensor {key} holds NaN or infinite values")
+            raise CheckpointError(f"import: {self.file_of(key)}: tensor {key} holds NaN or infinite values")
         return values
 
     def close(self) -> None:
@@ -161,24 +245,25 @@ class HFCheckpoint:
 
 
 class HFWeights:
-    """A model's parameters in a safetensors checkpoint (`sources` says where each is): checked against the model
-    on creation, then read a block at a time (the `read` that parallel.materialize takes)."""
+    """A model's parameters and selection biases in a safetensors checkpoint (`sources` says where each is): checked
+    against the model on creation, then read a block at a time (the `read` that parallel.materialize takes)."""
 
-    def __init__(self, directory: str | Path, sources: dict[str, Plain | Experts], param_shapes: dict[str, torch.Size]):
+    def __init__(self, directory: str | Path, sources: dict[str, Source], shapes: dict[str, torch.Size],
+                 ignored: tuple[str, ...] = ()):  # keys, or their beginnings, the model has no use for
         self.checkpoint = HFCheckpoint(directory)
-        self.sources: dict[str, Plain | Experts] = {}  # each as this checkpoint holds it: alias or layout chosen
+        self.sources: dict[str, Source] = {}  # each as this checkpoint holds it: alias or layout chosen
         used = set()
-        for name, shape in param_shapes.items():
+        for name, shape in shapes.items():
             self.sources[name], keys = self._check(sources[name], list(shape))
             used |= keys
-        unexpected = sorted(key for key in self.checkpoint.files if key not in used
-                            and not key.endswith(IGNORED_SUFFIXES))
+        unexpected = sorted(key for key in self.checkpoint.keys() if key not in used
+                            and not key.endswith(IGNORED_SUFFIXES) and not key.startswith(ignored))
         if unexpected:
             raise CheckpointError(f"import: {self._file(unexpected[0])}: unexpected tensor {unexpected[0]} (the model "
                                   f"of {self.checkpoint.directory} has no such weight)")
 
     def _file(self, key: str) -> Path:
-        return self.checkpoint.files.get(key, self.checkpoint.directory)
+        return self.checkpoint.file_of(key)
 
     def _expect(self, key: str, shape: list[int]) -> None:
         if key not in self.checkpoint:
@@ -191,12 +276,17 @@ class HFWeights:
             raise CheckpointError(f"import: {self._file(key)}: tensor {key} has dtype {dtype}, expected one of "
                                   f"{', '.join(FLOAT_DTYPES)}")
 
-    def _check(self, source: Plain | Experts, shape: list[int]) -> tuple[Plain | Experts, set[str]]:
+    def _check(self, source: Source, shape: list[int]) -> tuple[Source, set[str]]:
         """(`source` as this checkpoint holds it, the keys that hold it), after checking their shapes and dtypes."""
+        if isinstance(source, Absent):
+            return source, set()
         if isinstance(source, Plain):
             key = source.alias if source.key not in self.checkpoint and source.alias in self.checkpoint else source.key
             self._expect(key, shape)
             return Plain(key), {key}
+        if isinstance(source, Interleaved):
+            self._expect(source.key, [*shape[:-1], 2 * shape[-1]])
+            return source, {source.key}
         experts, rows, cols = shape  # ours [E, rows, cols]; each expert's stored matrix is [cols, rows]
         if source.key(0) not in self.checkpoint and source.fused in self.checkpoint:
             fused_rows = 2 * cols if source.fused.endswith("gate_up_proj") else cols
@@ -209,15 +299,21 @@ class HFWeights:
     def read(self, name: str, shape: torch.Size, block: Block) -> Tensor:
         """Block `block` of parameter `name` (whole shape `shape`), in our layout, as a tensor of its own."""
         try:
-            return self._read(self.sources[name], block).clone()
+            return self._read(self.sources[name], block, shape).clone()
         finally:
             # A block read from a memory-mapped file keeps the pages it touched mapped while the file is open:
             # closing after each parameter keeps a rank's peak at its shards, not its shards plus those pages.
             self.checkpoint.close()
 
-    def _read(self, source: Plain | Experts, block: Block) -> Tensor:
+    def _read(self, source: Source, block: Block, shape: torch.Size) -> Tensor:
+        if isinstance(source, Absent):
+            return torch.zeros([s.stop - s.start for s in block])
         if isinstance(source, Plain):
             return self.checkpoint.read(source.key, block)
+        if isinstance(source, Interleaved):
+            last = block[-1]
+            wide = slice(2 * last.start + source.offset, 2 * last.stop)
+            return self.checkpoint.read(source.key, (*block[:-1], wide))[..., ::2]
         experts, rows, cols = block
         if source.in_fused:
             shifted = slice(source.row0 + cols.start, source.row0 + cols.stop)
@@ -229,11 +325,16 @@ class HFWeights:
 def open_init_weights(cfg: Config) -> HFWeights:
     """The weights of train.init_from (a Hugging Face model dir, or a moe_dist export under our own names), checked
     (headers only) against the model `cfg` describes."""
-    shapes = {name: p.shape for name, p in meta_model(cfg).named_parameters()}
+    shapes = {name: t.shape for name, t in filled_tensors(meta_model(cfg))}
     if is_native_export(cfg.train.init_from):
         return HFWeights(cfg.train.init_from, {name: Plain(name) for name in shapes}, shapes)
-    family, _, _ = read_hf_config(cfg.train.init_from)
-    return HFWeights(cfg.train.init_from, weight_sources(cfg, family), shapes)
+    family, data, _ = read_hf_config(cfg.train.init_from)
+    # A tied model's checkpoint may still carry lm_head.weight, a copy of the embedding; DeepSeek-V3's and GLM-4.5's
+    # multi-token-prediction layers follow the last layer, and transformers ignores them too.
+    ignored = ("lm_head.weight",) if cfg.model.tie_embeddings else ()
+    n_layers, mtp_layers = cfg.model.n_layers, data.get("num_nextn_predict_layers") or 0
+    ignored += tuple(f"model.layers.{i}." for i in range(n_layers, n_layers + mtp_layers))
+    return HFWeights(cfg.train.init_from, weight_sources(cfg, family), shapes, ignored)
 
 
 def import_model(directory: str | Path, overrides: dict[str, object] | None = None) -> tuple[Transformer, Config]:
@@ -246,12 +347,20 @@ def import_model(directory: str | Path, overrides: dict[str, object] | None = No
 
 
 def hf_state_dict(model: torch.nn.Module, cfg: Config, family: Family, dtype: torch.dtype) -> dict[str, Tensor]:
-    """The weights under the family's names, in the per-expert layout that transformers' save_pretrained writes."""
-    params = dict(model.named_parameters())
-    out = {}
+    """The weights under the family's names, in the layout that transformers' save_pretrained writes (per-expert
+    keys, or gpt-oss's interleaved gate_up_proj). Selection biases keep float32: rounding one changes which experts
+    are chosen."""
+    tensors = dict(filled_tensors(model))
+    params = {name for name, _ in model.named_parameters()}
+    out: dict[str, Tensor] = {}
     for name, source in weight_sources(cfg, family).items():
+        value = tensors[name].detach()
+        value = value.to(dtype) if name in params else value
         if isinstance(source, Plain):
-            out[source.key] = params[name]
-        else:
-            out.update({source.key(j): expert.T for j, expert in enumerate(params[name])})
-    return {key: t.detach().to(dtype).cpu().contiguous() for key, t in out.items()}
+            out[source.key] = value
+        elif isinstance(source, Interleaved):  # gate (offset 0) and up (1) alternate along the last dim
+            pair = out.setdefault(source.key, value.new_empty(*value.shape[:-1], 2 * value.shape[-1]))
+            pair[..., source.offset::2] = value
+        elif isinstance(source, Experts):
+            out.update({source.key(j): expert.T for j, expert in enumerate(value)})
+    return {key: t.cpu().contiguous() for key, t in out.items()}

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -23,6 +23,16 @@ def plain_name(name: str) -> str:
     return name
 
 
+def filled_tensors(model: torch.nn.Module) -> Iterator[tuple[str, Tensor]]:
+    """What start-up fills and a checkpoint holds: the parameters and the persistent buffers (the routers' selection
+    biases), not the rotary tables, which are computed."""
+    yield from model.named_parameters()
+    for module_name, module in model.named_modules():
+        for name, buffer in module.named_buffers(recurse=False):
+            if name not in module._non_persistent_buffers_set:
+                yield f"{module_name}.{name}" if module_name else name, buffer
+
+
 # read(name, full shape, block) -> that block of the parameter's value: the initial values, or a checkpoint's.
 BlockReader = Callable[[str, torch.Size, tuple[slice, ...]], Tensor]
 
@@ -37,10 +47,12 @@ def initial_values(model: Transformer, device: torch.device) -> BlockReader:
 
 @torch.no_grad()
 def materialize(model: Transformer, device: torch.device, read: BlockReader | None = None) -> None:
-    """Allocate this rank's shards and fill each from `read` (default: the initial values), one parameter at a
-    time: a rank holds at most its shards plus one parameter's full value. A block that cannot be read (a
-    CheckpointError: a bad file, a NaN) stops every rank, with the message of the rank that read it."""
+    """Allocate this rank's shards, compute the rotary tables and fill each parameter and selection bias from `read`
+    (default: the initial values), one at a time: a rank holds at most its shards plus one parameter's full value.
+    A block that cannot be read (a CheckpointError: a bad file, a NaN) stops every rank, with the message of the rank
+    that read it."""
     model.to_empty(device=device)
+    model.init_buffers()
     problem = None
     try:
         _fill(model, read or initial_values(model, device))
@@ -49,11 +61,10 @@ def materialize(model: Transformer, device: torch.device, read: BlockReader | No
     problem = first_problem(problem)
     if problem is not None:
         raise CheckpointError(problem)
-    model.init_buffers()
 
 
 def _fill(model: Transformer, read: BlockReader) -> None:
-    for name, param in model.named_parameters():
+    for name, param in filled_tensors(model):
         local = param.to_local() if isinstance(param, DTensor) else param
         if isinstance(param, DTensor):
             # DTensor's own arithmetic for where this rank's block lies (FSDP's and EP's shards nested included);
