@@ -1,6 +1,7 @@
 """Expert GEMMs over variable-size groups of rows, with the fastest backend that works.
 
-Rows arrive grouped by expert (`counts[e]` consecutive rows for expert e). Backends:
+Rows arrive grouped by expert (`counts[e]` consecutive rows for expert e); each projection may add a bias per
+group, and the experts' gated activation is kernels/activation.py's. Backends:
 - grouped_mm: `torch._grouped_mm`, one kernel for all groups (CUDA sm90/sm100 bf16, and CPU fp32/bf16).
   `grouped_swiglu` fuses the activation into its own backward and, on CPU, runs in chunks of rows.
 - padded: scatter the groups into an [E, max_count, D] buffer and use one `bmm` per projection.
@@ -19,9 +20,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.autograd.graph import saved_tensors_hooks
+
+from kernels.activation import SWIGLU, GatedActivation
 
 BACKENDS = ("grouped_mm", "padded", "loop")
 
@@ -252,45 +254,53 @@ def _chunk_rows(x: Tensor, hidden: int) -> int:
 
 
 class _GroupedSwiGLU(torch.autograd.Function):
-    """SwiGLU experts through torch._grouped_mm, chunk by chunk; saves x W1 and x W3 only (autograd
-    would also keep silu(x W1) and the product) and recomputes the activation in backward."""
+    """Gated experts through torch._grouped_mm, chunk by chunk; saves the pre-activations h1 and h3 only (autograd
+    would also keep the activation's intermediates) and recomputes the activation in backward. Biases (b1 [E, H],
+    b3 [E, H], b2 [E, D]) are added per row from `group_of_row` [N], given with them; all or none."""
 
     @staticmethod
-    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, chunks: list[_Chunk]) -> Tensor:
+    def forward(ctx, x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, b1: Tensor | None, b3: Tensor | None,
+                b2: Tensor | None, chunks: list[_Chunk], act: GatedActivation, group_of_row: Tensor | None) -> Tensor:
         out = None if len(chunks) == 1 else x.new_empty(x.shape[0], w2.shape[-1])
         hidden = []
         for c in chunks:
             rows = x[c.rows]
             h1 = torch._grouped_mm(rows, w1[c.experts], offs=c.offsets)
             h3 = torch._grouped_mm(rows, w3[c.experts], offs=c.offsets)
-            chunk_out = torch._grouped_mm(F.silu(h1).mul_(h3), w2[c.experts], offs=c.offsets)
+            groups = None if group_of_row is None else group_of_row[c.rows]
+            if groups is not None:
+                h1.add_(b1.index_select(0, groups))
+                h3.add_(b3.index_select(0, groups))
+            chunk_out = torch._grouped_mm(act.apply_(h1, h3), w2[c.experts], offs=c.offsets)
+            if groups is not None:
+                chunk_out.add_(b2.index_select(0, groups))
             if out is None:
                 out = chunk_out
             else:
                 out[c.rows] = chunk_out  # while it is still in cache
             hidden += [h1, h3]
-        ctx.chunks = chunks
-        ctx.save_for_backward(x, w1, w3, w2, *hidden)
+        ctx.chunks, ctx.act, ctx.bias_dtype = chunks, act, None if b1 is None else b1.dtype
+        ctx.save_for_backward(x, w1, w3, w2, group_of_row, *hidden)
         return out
 
     @staticmethod
     def backward(ctx, grad_out: Tensor):
-        x, w1, w3, w2, *hidden = ctx.saved_tensors
+        x, w1, w3, w2, group_of_row, *hidden = ctx.saved_tensors
         grad_out = grad_out.contiguous()
         whole = len(ctx.chunks) == 1
         grad_x = None if whole else torch.empty_like(x)
         grad_w = [None] * 3 if whole else [torch.zeros_like(w) for w in (w1, w3, w2)]
+        grad_b = [None] * 3
+        if group_of_row is not None:
+            # Summed per group in fp32 whatever the dtype: a bias's gradient sums over all its expert's rows.
+            grad_b = [x.new_zeros(w.shape[0], w.shape[-1], dtype=torch.float32) for w in (w1, w3, w2)]
         for c, h1, h3 in zip(ctx.chunks, hidden[0::2], hidden[1::2]):
             rows, grad, e, offs = x[c.rows], grad_out[c.rows], c.experts, c.offsets
             grad_act = torch._grouped_mm(grad, w2[e].transpose(-2, -1), offs=offs)
             # The activation's derivatives in fp32 for half types, as autograd's own kernels do.
-            h1f, h3f, grad_actf = (t.to(torch.promote_types(t.dtype, torch.float32)) for t in (h1, h3, grad_act))
-            gate = torch.sigmoid(h1f)
-            silu = h1f * gate
-            act = (silu * h3f).to(x.dtype)
-            # d silu(h) / dh = gate * (1 + h * (1 - gate))
-            grad_h1 = (1 - gate).mul_(h1f).add_(1).mul_(gate).mul_(h3f).mul_(grad_actf).to(x.dtype)
-            grad_h3 = silu.mul_(grad_actf).to(x.dtype)
+            act, grad_h1f, grad_h3f = ctx.act.derivatives(
+                *(t.to(torch.promote_types(t.dtype, torch.float32)) for t in (h1, h3, grad_act)))
+            act, grad_h1, grad_h3 = (t.to(x.dtype) for t in (act, grad_h1f, grad_h3f))
             grad_rows = torch._grouped_mm(grad_h1, w1[e].transpose(-2, -1), offs=offs).add_(
                 torch._grouped_mm(grad_h3, w3[e].transpose(-2, -1), offs=offs))
             if whole:
@@ -304,7 +314,12 @@ class _GroupedSwiGLU(torch.autograd.Function):
                     grad_w[i] = part
                 else:
                     grad_w[i][e] += part
-        return grad_x, *grad_w, None
+            if group_of_row is not None:
+                groups = group_of_row[c.rows]
+                for g, part in zip(grad_b, (grad_h1f, grad_h3f, grad)):
+                    g.index_add_(0, groups, part.float())
+        grad_b = [g if g is None else g.to(ctx.bias_dtype) for g in grad_b]
+        return grad_x, *grad_w, *grad_b, None, None, None
 
 
 class PaddedGroups:
@@ -327,39 +342,58 @@ class PaddedGroups:
         return padded.reshape(self.num_groups * self.capacity, padded.shape[-1]).index_select(0, self.index)
 
 
-def _loop(x: Tensor, w: Tensor, counts: Tensor) -> Tensor:
+def _loop(x: Tensor, w: Tensor, counts: Tensor, bias: Tensor | None = None) -> Tensor:
     groups = x.split(counts.tolist())
-    return torch.cat([g @ w_e for g, w_e in zip(groups, w.unbind(0))])
+    if bias is None:
+        return torch.cat([g @ w_e for g, w_e in zip(groups, w.unbind(0))])
+    return torch.cat([torch.addmm(b_e, g, w_e) for g, w_e, b_e in zip(groups, w.unbind(0), bias.unbind(0))])
+
+
+def _bmm(x: Tensor, w: Tensor, bias: Tensor | None) -> Tensor:
+    """[E, C, K] @ [E, K, M] (+ bias [E, M] on every row of its group)."""
+    return torch.bmm(x, w) if bias is None else torch.baddbmm(bias.unsqueeze(1), x, w)
+
+
+def _group_of_row(counts: Tensor, num_rows: int) -> Tensor:
+    """[N] the group of each grouped row; no host sync."""
+    return torch.repeat_interleave(torch.arange(counts.numel(), device=counts.device), counts, output_size=num_rows)
 
 
 # Variable-size groups run eagerly under torch.compile: the padded path syncs with the host, and
 # dynamo's shape rules for torch._grouped_mm accept only bf16 while the CPU kernel also takes fp32.
 @torch.compiler.disable
-def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
-    """`x [N, K]` grouped by `counts [E]`, `w [E, K, M]` -> `[N, M]`: group e times w[e]."""
+def grouped_mm(x: Tensor, w: Tensor, counts: Tensor, backend: str = "auto", bias: Tensor | None = None) -> Tensor:
+    """`x [N, K]` grouped by `counts [E]`, `w [E, K, M]` -> `[N, M]`: group e times w[e] (+ bias[e], bias [E, M])."""
     if backend == "auto":
         backend = select_backend(x, w, counts=counts)
     if backend == "grouped_mm":
-        return _GroupedMM.apply(x, w, torch.cumsum(counts, 0).to(torch.int32))
+        out = _GroupedMM.apply(x, w, torch.cumsum(counts, 0).to(torch.int32))
+        return out if bias is None else out + bias.index_select(0, _group_of_row(counts, x.shape[0]))
     if backend == "padded":
         groups = PaddedGroups(counts, x.shape[0])
-        return groups.unpad(torch.bmm(groups.pad(x), w))
+        return groups.unpad(_bmm(groups.pad(x), w, bias))
     if backend == "loop":
-        return _loop(x, w, counts)
+        return _loop(x, w, counts, bias)
     raise ValueError(f"grouped_mm: unknown backend {backend!r} (valid: auto, {', '.join(BACKENDS)})")
 
 
 @torch.compiler.disable
-def grouped_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts: Tensor, backend: str = "auto") -> Tensor:
-    """SwiGLU experts on grouped rows: `(silu(x w1[e]) * (x w3[e])) w2[e]` for each group e."""
+def grouped_swiglu(x: Tensor, w1: Tensor, w3: Tensor, w2: Tensor, counts: Tensor, backend: str = "auto", *,
+                   biases: tuple[Tensor, Tensor, Tensor] | None = None, act: GatedActivation = SWIGLU) -> Tensor:
+    """Gated experts on grouped rows: `act(x w1[e] + b1[e], x w3[e] + b3[e]) w2[e] + b2[e]` for each group e
+    (`biases` = (b1 [E, H], b3 [E, H], b2 [E, D]), or none); `act` defaults to SwiGLU, silu(h1) * h3."""
     if backend == "auto":
         backend = select_backend(x, w1, w3, w2, counts=counts)
+    b1, b3, b2 = biases if biases is not None else (None, None, None)
     if backend == "padded":  # pad once for all three projections
         groups = PaddedGroups(counts, x.shape[0])
         padded = groups.pad(x)
-        hidden = F.silu(torch.bmm(padded, w1)) * torch.bmm(padded, w3)
-        return groups.unpad(torch.bmm(hidden, w2))
+        # The padding rows come out as act(b1, b3) w2 + b2, not 0: unpad drops them, and their gradient is 0.
+        hidden = act(_bmm(padded, w1, b1), _bmm(padded, w3, b3))
+        return groups.unpad(_bmm(hidden, w2, b2))
     if backend == "grouped_mm":
-        return _GroupedSwiGLU.apply(x, w1, w3, w2, _chunks(counts, x.shape[0], _chunk_rows(x, w1.shape[-1])))
-    hidden = F.silu(grouped_mm(x, w1, counts, backend)) * grouped_mm(x, w3, counts, backend)
-    return grouped_mm(hidden, w2, counts, backend)
+        chunks = _chunks(counts, x.shape[0], _chunk_rows(x, w1.shape[-1]))
+        group_of_row = None if biases is None else _group_of_row(counts, x.shape[0])
+        return _GroupedSwiGLU.apply(x, w1, w3, w2, b1, b3, b2, chunks, act, group_of_row)
+    hidden = act(grouped_mm(x, w1, counts, backend, b1), grouped_mm(x, w3, counts, backend, b3))
+    return grouped_mm(hidden, w2, counts, backend, b2)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import zlib
+
 import torch
 from torch.distributed.tensor import DTensor, Shard
 
@@ -10,7 +12,7 @@ from moe_dist.model import Transformer, moe_layers
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.expert_parallel import AllToAllExchange
 from moe_dist.parallel.fsdp import expert_shard_dim
-from moe_dist.parallel.materialize import plain_name
+from moe_dist.parallel.materialize import BlockReader, plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
 
@@ -67,6 +69,29 @@ def full_parameters(model) -> dict[str, torch.Tensor]:
     return out
 
 
+def nonzero_biases(cfg: Config) -> BlockReader:
+    """The initial values, except that every parameter named "...bias" (the router's, the experts', attention's) is
+    drawn Normal(0, 0.1) from a generator seeded by its name: biases at 0 would hide one applied to the wrong
+    expert. For build_model's `read`, or `fill` on a plain model."""
+    with torch.device("meta"):
+        model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+
+    def read(name: str, shape: torch.Size, block: tuple[slice, ...]) -> torch.Tensor:
+        if name.endswith("bias"):
+            generator = torch.Generator().manual_seed(zlib.crc32(name.encode()))
+            return torch.randn(shape, generator=generator).mul_(0.1)[block]
+        return model.initial_value(name, shape, "cpu")[block]
+
+    return read
+
+
+@torch.no_grad()
+def fill(model, read: BlockReader) -> None:
+    """Every parameter of a plain (unsharded) model set to what `read` gives."""
+    for name, param in model.named_parameters():
+        param.copy_(read(name, param.shape, (slice(None),) * param.dim()))
+
+
 def reference_run(cfg: Config, batches: torch.Tensor) -> tuple[list, dict]:
     """One process, no process group, plain model, the whole global batch."""
     model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
@@ -82,9 +107,9 @@ def assert_layout(model, ep: int) -> None:
         assert isinstance(moe.exchange, AllToAllExchange) == (ep > 1), moe.exchange
         for name, w in moe.experts.named_parameters():
             names = w.device_mesh.mesh_dim_names
-            if "dp_shard" in names:  # FSDP's cut: dim 2 where the local experts do not divide over its ranks
+            if "dp_shard" in names:  # FSDP's cut: the last dim where the local experts do not divide over its ranks
                 i = names.index("dp_shard")
-                assert w.placements[i].dim == expert_shard_dim(w.shape[0] // ep, w.device_mesh.size(i)), name
+                assert w.placements[i].dim == expert_shard_dim(w.shape[0] // ep, w.device_mesh.size(i), w.dim()), name
             if ep == 1:
                 assert "ep" not in names or w.device_mesh.size(names.index("ep")) == 1, (name, names)
                 continue

@@ -8,8 +8,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.device_mesh import init_device_mesh
 
 from distributed import run_on_ranks
-from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distributed_run, global_batches,
-                         reference_run, relative_error, small_config, split)
+from equivalence import (MICRO_BATCH, assert_layout, assert_runs_match, distributed_run, fill, global_batches,
+                         nonzero_biases, reference_run, relative_error, small_config, split)
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import permute, plan_routing, unpermute
 from moe_dist.config import ConfigError, ParallelConfig
@@ -30,20 +30,31 @@ ROUTINGS = [
     # DeepSeek-V3 routing: groups of 2 experts, the best 2 of 4 groups, scaled weights, sequence-level aux loss
     {"moe.top_k": "2", "moe.score_func": "sigmoid", "moe.n_group": "4", "moe.topk_group": "2",
      "moe.routed_scaling_factor": "2.5", "moe.seq_aux_loss_coef": "0.01"},
+    # gpt-oss's expert side (biased router logits, biased experts, a clamped SwiGLU whose limit binds) with
+    # DeepSeek-V3's routing and a shared expert; every bias nonzero, the selection bias included
+    {"moe.top_k": "2", "moe.router_bias": "true", "moe.expert_biases": "true", "moe.expert_act": "clamped_swiglu",
+     "moe.swiglu_limit": "0.2", "moe.score_func": "sigmoid", "moe.aux_free_bias": "true", "moe.n_group": "4",
+     "moe.topk_group": "2", "moe.routed_scaling_factor": "2.5", "moe.shared_expert_hidden": "32", "biased": True},
 ]
+FLAGS = ("skew", "biased")  # what a case does to its model beyond its config
 
 
 def make_case(routing: dict, world_size: int):
-    overrides = {k: v for k, v in routing.items() if k != "skew"}
+    overrides = {k: v for k, v in routing.items() if k not in FLAGS}
     if routing.get("skew"):
         overrides.update({"moe.aux_free_bias": "true", "moe.bias_update_rate": "0"})
     cfg = small_config(**overrides)
-    return cfg, routing.get("skew", False), global_batches(cfg, 1, world_size)[0, 0]
+    return cfg, {flag: routing.get(flag, False) for flag in FLAGS}, global_batches(cfg, 1, world_size)[0, 0]
 
 
-def skew(model) -> None:
+def prepare(model, flags: dict) -> None:
+    """The selection bias: the last two experts never chosen (skew), or nonzero everywhere (biased)."""
     for moe in moe_layers(model):
-        moe.router.expert_bias[-2:] = -1e4  # selection only: the last two experts are never chosen
+        if flags["skew"]:
+            moe.router.expert_bias[-2:] = -1e4
+        if flags["biased"]:
+            generator = torch.Generator().manual_seed(3)
+            moe.router.expert_bias.copy_(torch.randn(moe.router.num_experts, generator=generator).mul_(0.03))
 
 
 def forward_backward(model, inputs, targets) -> dict:
@@ -62,25 +73,26 @@ def forward_backward(model, inputs, targets) -> dict:
 def ep_worker(rank, world_size, ep, cases, chunk_counts):
     """Each case at each parallel.ep_chunks: {chunks: forward_backward results}."""
     results = []
-    for cfg, skewed, batch in cases:
+    for cfg, flags, batch in cases:
         by_chunks = {}
         for chunks in chunk_counts:
             cfg.parallel.ep, cfg.parallel.ep_chunks = ep, chunks
             model = build_model(cfg, build_mesh(cfg, world_size, "cpu"),
-                                Runtime(rank, world_size, rank, torch.device("cpu")))
+                                Runtime(rank, world_size, rank, torch.device("cpu")),
+                                nonzero_biases(cfg) if flags["biased"] else None)
             assert_layout(model, ep)
-            if skewed:
-                skew(model)
+            prepare(model, flags)
             local = batch[rank * MICRO_BATCH:(rank + 1) * MICRO_BATCH]
             by_chunks[chunks] = forward_backward(model, *split(local))
         results.append(by_chunks)
     return results
 
 
-def reference(cfg, skewed, batch) -> dict:
+def reference(cfg, flags, batch) -> dict:
     model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
-    if skewed:
-        skew(model)
+    if flags["biased"]:
+        fill(model, nonzero_biases(cfg))
+    prepare(model, flags)
     return forward_backward(model, *split(batch))
 
 
@@ -223,9 +235,10 @@ def test_ten_steps_follow_single_process(world_size, ep):
 
 @pytest.mark.slow
 def test_experts_that_do_not_divide_over_their_shard_ranks():
-    """6 experts at ep 2 x dp_shard 2: each EP rank's 3 experts are cut on dim 2 by FSDP (checked by
-    assert_layout), with gradient clipping on, three steps."""
-    cfg = small_config(**{"train.steps": "3", "moe.num_experts": "6", "moe.top_k": "2", "optim.grad_clip": "0.05"})
+    """6 experts at ep 2 x dp_shard 2: each EP rank's 3 experts are cut on their last dim by FSDP (dim 2 for the
+    weights, 1 for the biases; checked by assert_layout), with gradient clipping on, three steps."""
+    cfg = small_config(**{"train.steps": "3", "moe.num_experts": "6", "moe.top_k": "2", "optim.grad_clip": "0.05",
+                          "moe.expert_biases": "true"})
     batches = global_batches(cfg, 3, 4)
     cfg.parallel.ep = 2
     got = run_on_ranks(trajectory_worker, 4, cfg, batches)

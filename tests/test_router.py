@@ -1,7 +1,9 @@
 """Router: losses against hand-computed values, weights, aux-free balancing."""
 
+import importlib
 import math
 
+import pytest
 import torch
 
 from moe_dist.config import MoEConfig
@@ -147,3 +149,85 @@ def test_sequence_level_aux_loss_matches_a_direct_computation():
     assert not math.isclose(out.aux_loss.item(), 0.3 * out.load_balance_loss.item(), rel_tol=1e-3)
     out.aux_loss.backward()
     assert router.gate.weight.grad.abs().sum() > 0
+
+
+# --- against transformers' routers, weights copied ---
+
+def compare_routing(ours, ids, weights, rel: float) -> None:
+    """Our RouterOutput chooses the same experts per token (as sets: transformers' top-k may be unsorted) with the
+    same weights, each within `rel`."""
+    for t, (got_ids, got_w, want_ids, want_w) in enumerate(zip(ours.expert_ids.tolist(), ours.weights.tolist(),
+                                                                ids.tolist(), weights.tolist())):
+        assert sorted(got_ids) == sorted(want_ids), t
+        want = dict(zip(want_ids, want_w))
+        for e, w in zip(got_ids, got_w):
+            assert math.isclose(w, want[e], rel_tol=rel), (t, e, w, want[e])
+
+
+def test_softmax_of_the_top_k_biased_logits_is_gpt_oss_routing():
+    """gpt-oss's router takes the top k of the biased logits and a softmax over those k: our softmax over all the
+    experts renormalised over the chosen k is the same, up to rounding."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssTopKRouter
+    torch.manual_seed(0)
+    theirs = GptOssTopKRouter(transformers.GptOssConfig(hidden_size=16, num_local_experts=8, num_experts_per_tok=4))
+    router = make_router(dim=16, num_experts=8, top_k=4, renormalize=True, router_bias=True)
+    torch.nn.init.normal_(router.gate.weight)
+    torch.nn.init.normal_(router.gate.bias)
+    with torch.no_grad():
+        theirs.weight.copy_(router.gate.weight)
+        theirs.bias.copy_(router.gate.bias)
+    x = torch.randn(64, 16)
+    _, weights, ids = theirs(x)
+    compare_routing(router(x, seq_len=16), ids, weights, rel=1e-6)
+
+
+@pytest.mark.parametrize("family", ["deepseek_v3", "glm4_moe"])
+def test_group_limited_sigmoid_routing_is_deepseek_v3_and_glm_routing(family):
+    """DeepSeek-V3's and GLM-4.5's router (sigmoid scores, e_score_correction_bias for the choice only, the best
+    topk_group of n_group groups by their two best scores, renormalised, times routed_scaling_factor) is ours with
+    score_func sigmoid, aux_free_bias (expert_bias = the correction bias), n_group, topk_group, renormalize and
+    routed_scaling_factor."""
+    transformers = pytest.importorskip("transformers")
+    config_class, router_class = {
+        "deepseek_v3": (transformers.DeepseekV3Config, "DeepseekV3TopkRouter"),
+        "glm4_moe": (transformers.Glm4MoeConfig, "Glm4MoeTopkRouter")}[family]
+    module = importlib.import_module(f"transformers.models.{family}.modeling_{family}")
+    torch.manual_seed(0)
+    config = config_class(hidden_size=16, n_routed_experts=16, num_experts_per_tok=4, n_group=4, topk_group=2,
+                          norm_topk_prob=True, routed_scaling_factor=2.5)
+    theirs = getattr(module, router_class)(config)
+    router = make_router(dim=16, num_experts=16, top_k=4, score_func="sigmoid", renormalize=True, aux_free_bias=True,
+                         n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    torch.nn.init.normal_(router.gate.weight)
+    router.expert_bias.copy_(torch.randn(16) * 0.3)
+    with torch.no_grad():
+        theirs.weight.copy_(router.gate.weight)
+        theirs.e_score_correction_bias.copy_(router.expert_bias)
+    x = torch.randn(64, 16)
+    _, weights, ids = theirs(x)
+    out = router(x, seq_len=16)
+    compare_routing(out, ids, weights, rel=1e-6)
+    # The group limit and the bias both decide something here: without either, some token's choice changes.
+    free = make_router(dim=16, num_experts=16, top_k=4, score_func="sigmoid", aux_free_bias=False)
+    free.gate.load_state_dict(router.gate.state_dict())
+    assert (free(x, seq_len=16).expert_ids.sort(-1).values != out.expert_ids.sort(-1).values).any()
+
+
+def test_biased_sigmoid_routing_is_minimax_m2_routing():
+    """MiniMax-M2's router (sigmoid scores, e_score_correction_bias for the choice only, renormalised, no groups,
+    no scaling) is ours with score_func sigmoid, aux_free_bias and renormalize."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.minimax_m2.modeling_minimax_m2 import MiniMaxM2TopKRouter
+    torch.manual_seed(0)
+    config = transformers.MiniMaxM2Config(hidden_size=16, num_local_experts=8, num_experts_per_tok=2)
+    config._experts_implementation = "eager"  # the class is wrapped as experts are: its own forward
+    theirs = MiniMaxM2TopKRouter(config)
+    router = make_router(dim=16, num_experts=8, top_k=2, score_func="sigmoid", renormalize=True, aux_free_bias=True)
+    torch.nn.init.normal_(router.gate.weight)
+    router.expert_bias.copy_(torch.randn(8) * 0.3)
+    with torch.no_grad():
+        theirs.weight.copy_(router.gate.weight)
+    x = torch.randn(64, 16)
+    _, weights, ids = theirs(x, router.expert_bias)
+    compare_routing(router(x, seq_len=16), ids, weights, rel=1e-6)

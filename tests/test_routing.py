@@ -5,13 +5,14 @@ import torch
 import torch.utils.checkpoint
 
 import kernels.grouped_mm
+from kernels.activation import SWIGLU, GatedActivation
 from kernels.grouped_mm import (BACKENDS, CPU_MEASURED_ROWS, CPU_PADDED_MAX_ROWS, grouped_mm, grouped_swiglu,
                                 select_backend)
 from kernels.reference import moe_loop
 from kernels.routing import capacity_keep, permute, plan_routing, unpermute
 from moe_dist import checkpoint
-from moe_dist.config import load_config
-from moe_dist.model.moe import GroupedExperts
+from moe_dist.config import MoEConfig, load_config
+from moe_dist.model.moe import GroupedExperts, MoE
 
 TOLERANCE = {torch.float64: 1e-10, torch.float32: 1e-5}
 
@@ -118,18 +119,129 @@ def test_permute_gradient_sums_the_k_copies():
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
-def test_grouped_mm_matches_matmul_per_group(dtype):
+@pytest.mark.parametrize("biased", [False, True])
+def test_grouped_mm_matches_matmul_per_group(dtype, biased):
     counts = torch.tensor([5, 0, 9, 1, 0, 17])
     x = torch.randn(int(counts.sum()), 8, dtype=dtype, requires_grad=True)
     w = torch.randn(6, 8, 12, dtype=dtype, requires_grad=True)
-    ref = torch.cat([g @ w[e] for e, g in enumerate(x.split(counts.tolist()))])
+    bias = torch.randn(6, 12, dtype=dtype, requires_grad=True) if biased else None
+    ref = torch.cat([g @ w[e] + (bias[e] if biased else 0) for e, g in enumerate(x.split(counts.tolist()))])
     grad_out = torch.randn_like(ref)
-    ref_grads = torch.autograd.grad(ref, (x, w), grad_out)
+    inputs = (x, w, bias) if biased else (x, w)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
     for backend in backends_for(dtype):
-        out = grouped_mm(x, w, counts, backend)
+        out = grouped_mm(x, w, counts, backend, bias)
         assert_close(out, ref, dtype)
-        for g, r in zip(torch.autograd.grad(out, (x, w), grad_out), ref_grads):
+        for g, r in zip(torch.autograd.grad(out, inputs, grad_out), ref_grads):
             assert_close(g, r, dtype)
+
+
+# gpt-oss's activation with a limit that binds on these inputs (|x w + b| of order 1), so that the clamps' masks
+# are tested too.
+CLAMPED = GatedActivation("clamped_swiglu", alpha=1.702, limit=0.5)
+
+
+def make_biases(num_experts, dim, hidden, dtype):
+    """(b1 [E, hidden], b3 [E, hidden], b2 [E, dim])."""
+    return tuple(torch.randn(num_experts, n, dtype=dtype).mul_(0.5).requires_grad_() for n in (hidden, hidden, dim))
+
+
+def check_biased_against_loop(dtype, act, skew, backends):
+    """Biased experts with `act` on every backend: outputs and every gradient (the biases' included) equal the
+    per-expert loop's."""
+    (x, weights, w1, w3, w2), expert_ids = make_inputs(37, 8, 2, 16, 24, dtype, skew)
+    biases = make_biases(8, 16, 24, dtype)
+    ref = moe_loop(x, expert_ids, weights, w1, w3, w2, biases=biases, act=act)
+    inputs = (x, weights, w1, w3, w2, *biases)
+    grad_out = torch.randn_like(ref)
+    ref_grads = torch.autograd.grad(ref, inputs, grad_out)
+    plan = plan_routing(expert_ids, 8)
+    for backend in backends:
+        rows = grouped_swiglu(permute(x, plan), w1, w3, w2, plan.counts, backend, biases=biases, act=act)
+        out = unpermute(rows, plan, weights)
+        assert_close(out, ref, dtype)
+        for g, r in zip(torch.autograd.grad(out, inputs, grad_out), ref_grads):
+            assert_close(g, r, dtype)
+    if act is CLAMPED:  # both clamps bind somewhere, and not everywhere
+        h1, h3 = x @ w1 + biases[0].unsqueeze(1), x @ w3 + biases[1].unsqueeze(1)
+        assert 0.05 < (h1 > act.limit).float().mean() < 0.95 and 0.05 < (h3.abs() > act.limit).float().mean() < 0.95
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("act", [SWIGLU, CLAMPED])
+@pytest.mark.parametrize("skew", [False, True])
+def test_biased_experts_match_loop(dtype, act, skew):
+    check_biased_against_loop(dtype, act, skew, backends_for(dtype))
+
+
+@torch.no_grad()
+def copy_to_gpt_oss(experts, w1, w3, w2, b1, b3, b2) -> None:
+    """Our expert tensors into a GptOssExperts: gate and up interleaved in its gate_up_proj's last dim."""
+    experts.gate_up_proj[..., ::2], experts.gate_up_proj[..., 1::2] = w1, w3
+    experts.gate_up_proj_bias[:, ::2], experts.gate_up_proj_bias[:, 1::2] = b1, b3
+    experts.down_proj.copy_(w2)
+    experts.down_proj_bias.copy_(b2)
+
+
+def test_clamped_experts_match_gpt_oss():
+    """GroupedExperts with biases and clamped_swiglu equal transformers' GptOssExperts on the same weights, on every
+    backend, forward and every gradient. Its layout: gate_up_proj [E, D, 2H] with the gate in the even columns and
+    up in the odd ones (biases likewise), down_proj [E, H, D], applied as x @ W like ours."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssExperts
+    config = transformers.GptOssConfig(hidden_size=16, intermediate_size=24, num_local_experts=8,
+                                       num_experts_per_tok=2, swiglu_limit=0.5)
+    config._experts_implementation = "eager"
+    theirs = GptOssExperts(config)
+    (x, weights, w1, w3, w2), expert_ids = make_inputs(37, 8, 2, 16, 24, torch.float32)
+    b1, b3, b2 = make_biases(8, 16, 24, torch.float32)
+    copy_to_gpt_oss(theirs, w1, w3, w2, b1, b3, b2)
+    want = theirs(x, expert_ids, weights)
+    grad_out = torch.randn_like(want)
+    grads = torch.autograd.grad(want, (x, weights, *theirs.parameters()), grad_out)
+    gate_up, gate_up_bias, down, down_bias = grads[2:]
+    want_grads = (*grads[:2], gate_up[..., ::2], gate_up[..., 1::2], down,
+                  gate_up_bias[:, ::2], gate_up_bias[:, 1::2], down_bias)
+    plan = plan_routing(expert_ids, 8)
+    for backend in BACKENDS:
+        ours = GroupedExperts(8, 16, 24, backend, biases=True,
+                              act=GatedActivation("clamped_swiglu", config.swiglu_alpha, config.swiglu_limit))
+        assert [(n, tuple(p.shape)) for n, p in ours.named_parameters()] == [
+            ("w1", (8, 16, 24)), ("w3", (8, 16, 24)), ("w2", (8, 24, 16)),
+            ("w1_bias", (8, 24)), ("w3_bias", (8, 24)), ("w2_bias", (8, 16))]
+        with torch.no_grad():
+            for p, value in zip(ours.parameters(), (w1, w3, w2, b1, b3, b2)):
+                p.copy_(value)
+        out = unpermute(ours.compute(permute(x, plan), plan.counts), plan, weights)
+        assert_close(out, want, torch.float32)
+        for g, r in zip(torch.autograd.grad(out, (x, weights, *ours.parameters()), grad_out), want_grads):
+            assert_close(g, r, torch.float32)
+
+
+def test_moe_layer_is_gpt_oss_mlp():
+    """Our MoE layer configured as gpt-oss (router_bias, expert_biases, clamped_swiglu, softmax renormalised over
+    the top k) equals transformers' GptOssMLP with the same weights: output and input gradient."""
+    transformers = pytest.importorskip("transformers")
+    from transformers.models.gpt_oss.modeling_gpt_oss import GptOssMLP
+    config = transformers.GptOssConfig(hidden_size=16, intermediate_size=24, num_local_experts=8,
+                                       num_experts_per_tok=2, swiglu_limit=0.5)
+    config._experts_implementation = "eager"
+    theirs = GptOssMLP(config)
+    cfg = MoEConfig(num_experts=8, top_k=2, expert_hidden=24, renormalize=True, router_bias=True, expert_biases=True,
+                    expert_act="clamped_swiglu", swiglu_alpha=config.swiglu_alpha, swiglu_limit=0.5)
+    ours = MoE(16, cfg)
+    with torch.no_grad():
+        for p in ours.parameters():
+            p.normal_(0, 0.3)
+        theirs.router.weight.copy_(ours.router.gate.weight)
+        theirs.router.bias.copy_(ours.router.gate.bias)
+    e = ours.experts
+    copy_to_gpt_oss(theirs.experts, e.w1, e.w3, e.w2, e.w1_bias, e.w3_bias, e.w2_bias)
+    x = torch.randn(2, 19, 16, requires_grad=True)
+    want, got = theirs(x)[0], ours(x)[0]
+    assert_close(got, want, torch.float32)
+    grad_out = torch.randn_like(want)
+    assert_close(*(torch.autograd.grad(out, x, grad_out)[0] for out in (got, want)), torch.float32)
 
 
 def test_auto_backend_never_loops():
@@ -326,6 +438,7 @@ def test_grouped_swiglu_in_chunks_matches_loop(monkeypatch, chunk_rows):
     monkeypatch.setattr(kernels.grouped_mm, "CPU_CHUNK_BYTES", chunk_rows * 24 * 4)
     for skew in (False, True):
         check_against_loop(37, 8, 2, torch.float32, "grouped_mm", skew=skew)
+        check_biased_against_loop(torch.float32, CLAMPED, skew, ["grouped_mm"])
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])

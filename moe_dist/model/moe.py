@@ -1,4 +1,4 @@
-"""MoE feed-forward: router + grouped SwiGLU experts (+ optional shared expert) + an exchange."""
+"""MoE feed-forward: router + grouped gated experts (+ optional shared expert) + an exchange."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.distributed.tensor import DTensor
 
+from kernels.activation import SWIGLU, GatedActivation
 from kernels.grouped_mm import grouped_swiglu
 from kernels.routing import plan_routing, permute, unpermute
 from moe_dist.config import MoEConfig
@@ -58,19 +59,25 @@ class LocalExchange:
 
 
 class GroupedExperts(nn.Module):
-    """E SwiGLU experts stored as [E, ...] tensors, run on rows grouped by expert.
+    """E gated experts stored as [E, ...] tensors, run on rows grouped by expert: act(x w1 + b1, x w3 + b3) w2 + b2,
+    the biases (w1_bias, w3_bias [E, hidden], w2_bias [E, dim]) only with `biases`.
 
     `forward` hands the rows to an exchange, which brings each group to the process holding its
     expert and calls `compute` there. Keeping the exchange inside this module's forward means a
     wrapper such as FSDP sees one call per layer however many chunks the exchange cuts the rows into.
     """
 
-    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto"):
+    def __init__(self, num_experts: int, dim: int, hidden: int, backend: str = "auto", biases: bool = False,
+                 act: GatedActivation = SWIGLU):
         super().__init__()
         self.backend = backend
+        self.act = act
         self.w1 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w3 = nn.Parameter(torch.empty(num_experts, dim, hidden))
         self.w2 = nn.Parameter(torch.empty(num_experts, hidden, dim))
+        # Per-expert like the weights: whatever shards the experts shards these on dim 0 alike.
+        for name, size in (("w1_bias", hidden), ("w3_bias", hidden), ("w2_bias", dim)):
+            self.register_parameter(name, nn.Parameter(torch.empty(num_experts, size)) if biases else None)
 
     def forward(self, rows: Tensor, counts: Tensor, exchange: Exchange,
                 alongside: Callable[[], Tensor] | None = None) -> tuple[Tensor, Tensor | None]:
@@ -80,8 +87,13 @@ class GroupedExperts(nn.Module):
     def compute(self, rows: Tensor, counts: Tensor) -> Tensor:
         """rows [N, D] grouped by this process's experts, counts [E_local] -> [N, D]."""
         # Sharded from the outside (expert parallelism), the weights are DTensors: use the local experts.
-        w1, w3, w2 = (w.to_local() if isinstance(w, DTensor) else w for w in (self.w1, self.w3, self.w2))
-        return grouped_swiglu(rows, w1, w3, w2, counts, self.backend)
+        w1, w3, w2 = (_local(w) for w in (self.w1, self.w3, self.w2))
+        biases = None if self.w1_bias is None else tuple(_local(b) for b in (self.w1_bias, self.w3_bias, self.w2_bias))
+        return grouped_swiglu(rows, w1, w3, w2, counts, self.backend, biases=biases, act=self.act)
+
+
+def _local(t: Tensor) -> Tensor:
+    return t.to_local() if isinstance(t, DTensor) else t
 
 
 class MoEStats(NamedTuple):
@@ -105,7 +117,9 @@ class MoE(nn.Module):
     def __init__(self, dim: int, cfg: MoEConfig):
         super().__init__()
         self.router = Router(dim, cfg)
-        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm_backend)
+        self.experts = GroupedExperts(cfg.num_experts, dim, cfg.expert_hidden, cfg.grouped_mm_backend,
+                                      cfg.expert_biases, GatedActivation(cfg.expert_act, cfg.swiglu_alpha,
+                                                                         cfg.swiglu_limit))
         self.shared_expert = FeedForward(dim, cfg.shared_expert_hidden) if cfg.shared_expert_hidden else None
         self.shared_expert_gate = nn.Linear(dim, 1, bias=False) if cfg.shared_expert_gate else None
         self.exchange: Exchange = LocalExchange(cfg.num_experts)

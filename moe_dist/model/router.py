@@ -46,7 +46,8 @@ class Router(nn.Module):
         self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
         self.routed_scaling_factor = cfg.routed_scaling_factor
         self.seq_aux_loss_coef = cfg.seq_aux_loss_coef
-        self.gate = nn.Linear(dim, cfg.num_experts, bias=False)
+        # With router_bias, softmax + renormalize over the top k is gpt-oss's softmax of the top-k biased logits.
+        self.gate = nn.Linear(dim, cfg.num_experts, bias=cfg.router_bias)
         self.register_buffer("expert_bias", torch.zeros(cfg.num_experts))  # selection only, never a weight
         self.all_reduce_stats: Callable[[Tensor], Tensor] = lambda stats: stats
 

@@ -175,7 +175,8 @@ class AllToAllExchange:
 
 
 def apply_expert_parallel(moe: MoE, ep_mesh: DeviceMesh, chunks: int) -> None:
-    """Shard `moe`'s experts over `ep_mesh` (DTensor Shard(0)) and swap in the all-to-all exchange."""
+    """Shard `moe`'s experts over `ep_mesh` (DTensor Shard(0)), every [E, ...] parameter alike (the weights, and
+    the biases where there are), and swap in the all-to-all exchange."""
     experts = moe.experts
     for name, param in list(experts.named_parameters(recurse=False)):
         sharded = distribute_tensor(param.detach(), ep_mesh, [Shard(0)], src_data_rank=None)  # same on all ranks

@@ -39,19 +39,20 @@ def apply_compile_and_checkpointing(model: Transformer, compile: bool, checkpoin
             model.layers[i] = checkpoint_wrapper(block, preserve_rng_state=False)
 
 
-def expert_shard_dim(local_experts: int, ranks: int) -> int:
-    """The dim FSDP cuts an [E_local, ...] expert tensor on over `ranks`: dim 0 when the experts divide evenly,
-    else dim 2 (the hidden size or D, thousands of rows). Cut on dim 0, 2 experts over 8 ranks would leave 6
-    ranks holding no expert weights and 2 holding all of them (the 3b config at ep 8 x dp_shard 8: rank 0 held
-    30x rank 63's parameters). Dim 2 rather than 1: it is the row dim of each expert's matrix in Hugging Face
-    checkpoints (gate/up [hidden, D], down [D, hidden]), so an imported rank reads whole rows, not a column
-    strip touching every page of its experts."""
-    return 0 if local_experts % ranks == 0 else 2
+def expert_shard_dim(local_experts: int, ranks: int, ndim: int = 3) -> int:
+    """The dim FSDP cuts an [E_local, ...] expert tensor of `ndim` dims on over `ranks`: dim 0 when the experts
+    divide evenly, else the last dim (the hidden size or D, thousands of rows). Cut on dim 0, 2 experts over 8
+    ranks would leave 6 ranks holding no expert weights and 2 holding all of them (the 3b config at ep 8 x
+    dp_shard 8: rank 0 held 30x rank 63's parameters). For the [E, D, H] / [E, H, D] weights the last dim is
+    the row dim of each expert's matrix in Hugging Face checkpoints (gate/up [hidden, D], down [D, hidden]), so
+    an imported rank reads whole rows, not a column strip touching every page of its experts; for the [E, H] /
+    [E, D] biases it is their only other dim."""
+    return 0 if local_experts % ranks == 0 else ndim - 1
 
 
 def _expert_placement(model: Transformer, ranks: int, ep: int) -> Callable[[nn.Parameter], Shard | None]:
     """FSDP2's shard_placement_fn: expert tensors on expert_shard_dim, everything else on dim 0 (None)."""
-    experts = {id(p): expert_shard_dim(p.shape[0] // ep, ranks)
+    experts = {id(p): expert_shard_dim(p.shape[0] // ep, ranks, p.dim())
                for moe in moe_layers(model) for p in moe.experts.parameters()}
     return lambda param: Shard(experts[id(param)]) if id(param) in experts else None
 
