@@ -7,6 +7,8 @@
    (target: >= 40%).
 4. With two or more GPUs: FSDP2 and EP on NCCL against one GPU on the same global batch (fp32, TF32 off),
    and the EP exchange's round trip and overlap at 1, 2 and 4 chunks (benchmarks/all_to_all.py).
+5. Attention with document masks, a sliding window, sinks and GQA: the fused kernel runs it (flex_attention, or
+   SDPA with its math kernel disabled), never holds a [B, H, S, S] matrix, and agrees with the CPU path.
 
 Shows the backend `auto` picks on this GPU for bf16 and fp32. Writes gpu_check-<date>.json and gpu_check-latest.md
 in benchmarks/results/, again after each section, so that a later section's crash keeps what came before. Without a
@@ -23,10 +25,12 @@ import subprocess
 import sys
 import tempfile
 from collections.abc import Callable
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from benchmarks import all_to_all
 from benchmarks.common import (RESULTS_DIR, datasheet_peak, environment, init_rank, markdown_table, matmul_flops,
@@ -35,6 +39,7 @@ from benchmarks.routing import Case, check, make_layer, run_case, working_backen
 from benchmarks.train_step import Run, run_config
 from kernels.grouped_mm import grouped_swiglu, select_backend
 from moe_dist.config import load_config
+from moe_dist.model.masks import AttentionMask, attend, attention_kernel
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import build_mesh, exit_process
 from moe_dist.train import build_model, train_step
@@ -43,6 +48,12 @@ SPEEDUP_TARGET = 5.0
 MFU_TARGET = 0.40
 EQUIVALENCE_STEPS = 3
 EQUIVALENCE_RTOL = 1e-4
+ATTENTION_RTOL = 2e-2  # bf16 on the GPU against fp32 on the CPU, relative to each tensor's largest entry
+# case: (documents, sliding window, sinks, key/value heads of the 8, q and k head size, v head size)
+ATTENTION_CASES = {"gqa causal": (False, 0, False, 2, 64, 64), "documents": (True, 0, False, 2, 64, 64),
+                   "sliding window": (False, 256, False, 2, 64, 64), "sinks": (False, 0, True, 2, 64, 64),
+                   "all": (True, 256, True, 2, 64, 64), "mla causal": (False, 0, False, 8, 192, 128),
+                   "mla documents": (True, 0, False, 8, 192, 128)}
 
 
 def kernel_parity(device: torch.device) -> list[list]:
@@ -105,6 +116,55 @@ def train_step_mfu(device: torch.device) -> dict:
     finally:
         dist.destroy_process_group()  # run_config's one-rank group; the NCCL checks start their own
     return {**result, "peak_flops": peak, "mfu": result["tokens_per_s"] * result["flops_per_token"] / peak}
+
+
+def attention_pass(inputs: list[torch.Tensor], segments: torch.Tensor | None, window: int,
+                   device: torch.device) -> tuple[str, list[torch.Tensor], int]:
+    """attend() forward and backward on `device` -> (its kernel, [output, gradients of q, k, v (, sinks)], the
+    peak bytes it allocated beyond its inputs); on CUDA with SDPA's math kernel disabled."""
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    q, k, v, out_grad, *sinks = (t.to(device, dtype) for t in inputs)
+    leaves = [t.requires_grad_() for t in (q, k, v, *sinks)]
+    mask = AttentionMask(q.shape[2], segments=None if segments is None else segments.to(device), device=device)
+    kernel = attention_kernel(mask, window, bool(sinks), (q, k, v))
+    fused = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION]
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated() if device.type == "cuda" else 0
+    with sdpa_kernel(fused) if device.type == "cuda" else nullcontext():
+        out = attend(q, k, v, mask, window, sinks[0] if sinks else None)
+        grads = torch.autograd.grad(out, leaves, out_grad)
+    peak = torch.cuda.max_memory_allocated() - before if device.type == "cuda" else 0
+    return kernel, [t.float().cpu() for t in (out, *grads)], peak
+
+
+def attention_kernels(device: torch.device) -> list[list]:
+    """[case, kernel, peak MiB against one [B, H, S, S] bf16 matrix, worst relative error against the CPU path,
+    ok | DIFFERS]: DIFFERS where SDPA's math kernel was needed, the peak reached such a matrix, or the error is
+    past ATTENTION_RTOL."""
+    batch, heads, seq = 2, 8, 1024
+    scores_bytes = batch * heads * seq * seq * 2
+    rows = []
+    for case, (documents, window, sinks, kv_heads, qk_dim, v_dim) in ATTENTION_CASES.items():
+        g = torch.Generator().manual_seed(0)
+        inputs = [torch.randn(batch, h, seq, dim, generator=g)
+                  for h, dim in ((heads, qk_dim), (kv_heads, qk_dim), (kv_heads, v_dim), (heads, v_dim))]
+        inputs = [t.bfloat16().float() for t in inputs]  # the values both devices see exactly
+        if sinks:
+            inputs.append(torch.randn(heads, generator=g).bfloat16().float())
+        segments = (torch.arange(seq) * 3 // seq).expand(batch, seq) if documents else None  # 3 documents
+        try:
+            kernel, got, peak = attention_pass(inputs, segments, window, device)
+        except RuntimeError as e:  # no fused SDPA kernel took it
+            rows.append([case, f"error: {' '.join(str(e).split())[:80]}", "-", "-", "DIFFERS"])
+            continue
+        _, want, _ = attention_pass(inputs, segments, window, torch.device("cpu"))
+        error = max(((a - b).abs().max() / b.abs().max()).item() for a, b in zip(got, want))
+        ok = error <= ATTENTION_RTOL and peak < scores_bytes and kernel in ("flex", "sdpa")
+        rows.append([case, kernel, f"{peak / 2**20:.0f} / {scores_bytes / 2**20:.0f}", f"{error:.1e}",
+                     "ok" if ok else "DIFFERS"])
+    return rows
 
 
 def equivalence_run(rank: int, world: int, ep: int, store: str, out: str) -> None:
@@ -255,11 +315,14 @@ def main(argv: list[str] | None = None) -> int:
         ("routing_speedups", lambda: routing_speedups(device), speedups_table),
         ("train_step", lambda: train_step_mfu(device), step_table),
         ("equivalence", lambda: nccl_equivalence() if gpus > 1 else [], equivalence_table),
+        ("attention", lambda: attention_kernels(device),
+         lambda rows: markdown_table(["attention, bf16, B=2 H=8 S=1024, fwd+bwd", "kernel",
+                                      "peak MiB / one [B,H,S,S]", "error vs CPU", f"<= {ATTENTION_RTOL:.0e}"], rows)),
         ("overlap", lambda: [all_to_all.run_case(case, device, repeats=10) for case in all_to_all.QUICK
                              if case.world <= gpus], overlap_table),
     ])
     print(f"results: {report.path}")
-    failed = any(row[-1] == "DIFFERS" for row in report.payload["equivalence"] + report.payload["parity"])
+    failed = any(row[-1] == "DIFFERS" for key in ("equivalence", "parity", "attention") for row in report.payload[key])
     return 1 if failed else 0
 
 

@@ -2,8 +2,8 @@
 
 Shard sizes follow `moe_dist.parallel` exactly: dense tensors are split on dim 0 over all ranks;
 under EP each rank holds E / ep experts, split over the dp_shard ranks that hold the same ones, on dim 0
-when they divide evenly and on dim 2 otherwise (`expert_shard_dim`); FSDP2 cuts like `torch.chunk`, so
-rank 0 has the largest shard of every tensor.
+when they divide evenly and on their last dim otherwise (`expert_shard_dim`); FSDP2 cuts like
+`torch.chunk`, so rank 0 has the largest shard of every tensor.
 Activations are estimated from what autograd saves in this model's forward (see `activation_bytes`).
 """
 
@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from moe_dist.config import Config
+from moe_dist.config import Config, ModelConfig
 from moe_dist.model import Transformer
 from moe_dist.model.moe import GroupedExperts
 from moe_dist.model.transformer import is_moe_layer
@@ -51,7 +51,7 @@ def local_shard_shapes(cfg: Config, world: int, rank: int, model: Transformer | 
         if name in expert_params:
             shape[0] //= ep
             ranks, index = world // ep, rank // ep
-            dim = expert_shard_dim(shape[0], ranks)
+            dim = expert_shard_dim(shape[0], ranks, len(shape))
         else:
             dim = 0
         shape[dim] = _chunk_rows(shape[dim], ranks, index)
@@ -78,24 +78,43 @@ def activation_dtype_bytes(cfg: Config, device_type: str) -> int:
     return DTYPE_BYTES[dtype]
 
 
+def attention_activation_bytes(m: ModelConfig, tokens: int, act: int) -> int:
+    """What one attention layer keeps for backward: its norm's input and output; the kernel's q, k, v, output and
+    fp32 log-sum-exp per head (flash, memory-efficient or flex on CUDA: never [S, S]); the output's copy into `wo`.
+
+    GQA: q and k after rotary, and before a qk norm too. MLA: the q and kv latents before and after their norms,
+    the expanded keys, all of wkv_b's output (v is a view of it). Sinks (flex on CUDA, GQA only): the softmax's
+    share kept per query and head, in fp32 and as cast to multiply the output.
+    """
+    if m.attention == "mla":
+        qk = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        v = m.n_heads * m.v_head_dim
+        latents = 2 * m.q_lora_rank + (m.kv_lora_rank + m.qk_rope_head_dim) + m.kv_lora_rank
+        per_token = 2 * qk + m.n_heads * (m.qk_nope_head_dim + m.v_head_dim) + 2 * v + latents
+    else:
+        q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+        per_token = 3 * q_dim + 2 * kv_dim + (q_dim + kv_dim if m.qk_norm != "none" else 0)
+    sinks = (FP32 + act) * m.n_heads if m.attention_sinks and m.attention != "mla" else 0
+    return tokens * (act * (2 * m.dim + per_token) + FP32 * m.n_heads + sinks)
+
+
 def activation_bytes(cfg: Config, act: int) -> tuple[int, int, int]:
     """(blocks without checkpointing, blocks with it, output head) for one micro-batch; act = bytes per element.
 
-    Per block, what autograd keeps: both norms' inputs and outputs; q, k, v, the attention output
-    and its copy into `wo`; then either the dense SwiGLU's four [T, hidden] tensors, or the router's
-    fp32 [T, E] scores and the routed rows (permuted input, x W1, x W3, expert output: top_k rows
-    per token). With checkpointing a block keeps only its input, and one block at a time is
-    recomputed in backward. The head keeps the logits, their fp32 log-softmax and gradient.
+    Per block, what autograd keeps: the attention's (attention_activation_bytes); the second norm's input and
+    output; then either the dense SwiGLU's four [T, hidden] tensors, or the router's fp32 [T, E] scores and the
+    routed rows (permuted input, x W1, x W3, expert output: top_k rows per token; with expert biases each row's
+    int64 expert). With checkpointing a block keeps only its input, and one block at a time is recomputed in
+    backward. The head keeps the logits, their fp32 log-softmax and gradient.
     """
     m, moe = cfg.model, cfg.moe
     tokens = cfg.data.micro_batch * cfg.data.seq_len
-    q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    attention = tokens * (act * (2 * m.dim + 3 * q_dim + 2 * kv_dim) + FP32 * m.n_heads)
+    attention = attention_activation_bytes(m, tokens, act)
     norms = tokens * act * 2 * m.dim
     blocks = []
     for layer in range(m.n_layers):
         if is_moe_layer(layer, moe):
-            routed = tokens * moe.top_k * act * (2 * m.dim + 2 * moe.expert_hidden)
+            routed = tokens * moe.top_k * (act * (2 * m.dim + 2 * moe.expert_hidden) + (8 if moe.expert_biases else 0))
             ffn = routed + tokens * FP32 * 4 * moe.num_experts + tokens * act * 4 * moe.shared_expert_hidden
         else:
             ffn = tokens * act * 4 * m.ffn_hidden

@@ -6,42 +6,72 @@ from __future__ import annotations
 
 import sys
 
-from moe_dist.config import Config, ConfigError, load_config, parse_args
+from moe_dist.config import Config, ConfigError, ModelConfig, load_config, parse_args
 from moe_dist.hf.config import config_from_hf, is_hf_dir
 from moe_dist.memory import HEADROOM, MemoryPlan, activation_dtype_bytes, gib, meta_model, parse_bytes, plan_memory
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
 
 
+def attention_params(m: ModelConfig) -> tuple[int, int]:
+    """(projections, biases and sinks; norms) of one attention layer."""
+    out_bias = m.dim if m.out_bias else 0
+    if m.attention == "mla":  # no q, k, v biases, q/k norms or sinks
+        q_out = m.n_heads * (m.qk_nope_head_dim + m.qk_rope_head_dim)
+        # wq, or wq_a and wq_b through the q_lora_rank bottleneck; wkv_a to the latent and the shared rotary key,
+        # wkv_b from the latent to every head's k_nope and v; wo from the heads' values.
+        q = m.q_lora_rank * (m.dim + q_out) if m.q_lora_rank else m.dim * q_out
+        kv = (m.dim * (m.kv_lora_rank + m.qk_rope_head_dim)
+              + m.kv_lora_rank * m.n_heads * (m.qk_nope_head_dim + m.v_head_dim))
+        wo = m.n_heads * m.v_head_dim * m.dim
+        return q + kv + wo + out_bias, m.q_lora_rank + m.kv_lora_rank  # q_a_norm (with wq_a), kv_a_norm
+    q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
+    projections = m.dim * (2 * q_dim + 2 * kv_dim) + (q_dim + 2 * kv_dim if m.qkv_bias else 0)
+    qk_norms = {"none": 0, "head": 2 * m.head_size, "full": q_dim + kv_dim}[m.qk_norm]
+    return projections + out_bias + (m.n_heads if m.attention_sinks else 0), qk_norms
+
+
 def count_params(cfg: Config) -> dict[str, tuple[int, int]]:
     """{component: (total, active per token)}, counted from the config alone."""
     m, moe = cfg.model, cfg.moe
-    q_dim, kv_dim = m.n_heads * m.head_size, m.n_kv_heads * m.head_size
-    attention = m.dim * (2 * q_dim + 2 * kv_dim) + (q_dim + 2 * kv_dim if m.qkv_bias else 0)
-    qk_norms = {"none": 0, "head": 2 * m.head_size, "full": q_dim + kv_dim}[m.qk_norm]
+    attention, attention_norms = attention_params(m)
     n_moe = sum(is_moe_layer(i, moe) for i in range(m.n_layers))
     n_dense = m.n_layers - n_moe
-    experts = n_moe * moe.num_experts * 3 * m.dim * moe.expert_hidden
-    active_experts = n_moe * moe.top_k * 3 * m.dim * moe.expert_hidden
+    # Each expert: w1, w3 [D, H] and w2 [H, D], with expert_biases their [H], [H] and [D] biases.
+    expert = 3 * m.dim * moe.expert_hidden + (2 * moe.expert_hidden + m.dim if moe.expert_biases else 0)
+    router = m.dim * moe.num_experts + (moe.num_experts if moe.router_bias else 0)
     rows = {
         "embedding": (m.vocab_size * m.dim,) * 2,
         "attention": (m.n_layers * attention,) * 2,
         "dense ffn": (n_dense * 3 * m.dim * m.ffn_hidden,) * 2,
-        "experts": (experts, active_experts),
+        "experts": (n_moe * moe.num_experts * expert, n_moe * moe.top_k * expert),
         "shared expert": (n_moe * (3 * moe.shared_expert_hidden + moe.shared_expert_gate) * m.dim,) * 2,
-        "router": (n_moe * m.dim * moe.num_experts,) * 2,
-        "norms": ((2 * m.n_layers + 1) * m.dim + m.n_layers * qk_norms,) * 2,
-        "output": (m.vocab_size * m.dim,) * 2,
+        "router": (n_moe * router,) * 2,
+        "norms": ((2 * m.n_layers + 1) * m.dim + m.n_layers * attention_norms,) * 2,
+        "output": (0 if m.tie_embeddings else m.vocab_size * m.dim,) * 2,  # tied: the embedding matrix
     }
     rows["total"] = (sum(t for t, _ in rows.values()), sum(a for _, a in rows.values()))
     return rows
 
 
+def attention_flops_per_token(cfg: Config) -> int:
+    """Forward and backward (3 x 2 FLOPs a multiply-add) of q.k and p.v per head over the keys a query attends:
+    the whole sequence, as if not causal (the usual convention), or at most sliding_window keys in a sliding layer."""
+    m, seq_len = cfg.model, cfg.data.seq_len
+    qk, v = (m.qk_nope_head_dim + m.qk_rope_head_dim, m.v_head_dim) if m.attention == "mla" else (m.head_size,) * 2
+    keys = sum(min(seq_len, m.sliding_window) if m.sliding_window and i not in m.full_attention_layers else seq_len
+               for i in range(m.n_layers))
+    return 6 * m.n_heads * (qk + v) * keys
+
+
 def training_flops_per_token(cfg: Config) -> int:
-    """6 x active matmul parameters (all but the embedding lookup) + 12 x layers x dim x seq_len (attention)."""
+    """6 x active parameters (all but the embedding lookup and the norms; a tied head still multiplies) + the
+    attention's q.k and p.v."""
     rows = count_params(cfg)
-    active_matmul = rows["total"][1] - rows["embedding"][1] - rows["norms"][1]
-    return 6 * active_matmul + 12 * cfg.model.n_layers * cfg.model.dim * cfg.data.seq_len
+    m = cfg.model
+    active_matmul = (rows["total"][1] - rows["embedding"][1] - rows["norms"][1]
+                     + (m.vocab_size * m.dim if m.tie_embeddings else 0))
+    return 6 * active_matmul + attention_flops_per_token(cfg)
 
 
 def meta_model_numel(cfg: Config) -> int:

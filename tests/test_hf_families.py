@@ -19,6 +19,7 @@ from moe_dist.checkpoint import CheckpointError
 from moe_dist.hf.config import config_from_hf, family_of
 from moe_dist.hf.weights import HFWeights, import_model, open_init_weights, weight_sources
 from moe_dist.memory import meta_model
+from moe_dist.parallel.materialize import filled_tensors
 from moe_dist.params import main as params_main
 from moe_dist.train import loss_fn
 
@@ -43,14 +44,31 @@ def hf_gradients_as_ours(hf: torch.nn.Module, cfg, directory: Path) -> dict[str,
     directory.mkdir()
     hf.config.save_pretrained(directory)
     save_file({k: v.contiguous() for k, v in grads.items()}, directory / "model.safetensors")
-    shapes = {name: p.shape for name, p in meta_model(cfg).named_parameters()}
+    shapes = {name: t.shape for name, t in filled_tensors(meta_model(cfg))}
     weights = HFWeights(directory, weight_sources(cfg, family_of(cfg)), shapes)
     return {name: weights.read(name, shape, tuple(slice(0, n) for n in shape)) for name, shape in shapes.items()}
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_every_cross_entropy_gradient_equals_transformers(tmp_path, family):
-    hf = save_tiny(family, tmp_path / "src", "single")
+# The 2024 families with what they used to refuse: RoPE scaling, sliding windows, tied embeddings, output biases.
+EXTRAS = [
+    ("mixtral", dict(sliding_window=5, tie_word_embeddings=True,
+                     rope_parameters={"rope_type": "linear", "factor": 2.0, "rope_theta": 1e4})),
+    ("qwen2_moe", dict(use_sliding_window=True, sliding_window=4, max_window_layers=2,
+                       rope_parameters={"rope_type": "llama3", "factor": 8.0, "rope_theta": 5e5,
+                                        "original_max_position_embeddings": 8, "low_freq_factor": 1.0,
+                                        "high_freq_factor": 4.0})),
+    ("qwen3_moe", dict(use_sliding_window=True, sliding_window=6, attention_bias=True,
+                       rope_parameters={"rope_type": "yarn", "factor": 4.0, "rope_theta": 1e4,
+                                        "original_max_position_embeddings": 8})),
+    ("olmoe", dict(tie_word_embeddings=True, attention_bias=True,
+                   rope_parameters={"rope_type": "yarn", "factor": 2.0, "rope_theta": 1e4, "attention_factor": 1.2,
+                                    "original_max_position_embeddings": 8, "beta_fast": 16.0, "beta_slow": 2.0})),
+]
+
+
+@pytest.mark.parametrize("family, overrides", [(family, {}) for family in FAMILIES] + EXTRAS)
+def test_every_cross_entropy_gradient_equals_transformers(tmp_path, family, overrides):
+    hf = save_tiny(family, tmp_path / "src", "single", **overrides)
     model, cfg = import_model(tmp_path / "src", {"data.seq_len": SEQ_LEN})
     window = tokens()
     inputs, targets = window[:, :-1], window[:, 1:]

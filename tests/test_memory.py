@@ -36,11 +36,12 @@ def allocated_worker(rank, world_size, cfg, batches):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size,ep", [(2, 1), (4, 1), (4, 2)])
-def test_planner_matches_allocated_shards(world_size, ep):
+@pytest.mark.parametrize("world_size,ep,biases", [(2, 1, False), (4, 1, False), (4, 2, False), (4, 2, True)])
+def test_planner_matches_allocated_shards(world_size, ep, biases):
     # Sizes that torch.chunk cuts unevenly: vocab 251; 6 experts over 4 ranks and 3 local experts over 2
-    # dp_shard ranks, which FSDP cuts on dim 2.
-    cfg = small_config(**{"model.vocab_size": "251", "moe.num_experts": "6", "parallel.ep": str(ep)})
+    # dp_shard ranks, which FSDP cuts on their last dim (the biases' too).
+    cfg = small_config(**{"model.vocab_size": "251", "moe.num_experts": "6", "parallel.ep": str(ep),
+                          "moe.expert_biases": str(biases), "moe.router_bias": str(biases)})
     results = run_on_ranks(allocated_worker, world_size, cfg, global_batches(cfg, 1, world_size))
     for rank, (params, grads, states) in enumerate(results):
         expected = {name: FP32 * n for name, n in local_shard_numels(cfg, world_size, rank).items()}
@@ -53,12 +54,22 @@ def test_planner_matches_allocated_shards(world_size, ep):
     assert (plan.params, plan.grads, plan.optimizer) == (sum(params.values()), grads, states)
 
 
-@pytest.mark.parametrize("overrides", [{}, {"moe.shared_expert_hidden": "64", "moe.top_k": "1"},
-                                       {"moe.num_experts": "0"}])
+MLA = {"model.attention": "mla", "model.q_lora_rank": "48", "model.kv_lora_rank": "32", "model.qk_nope_head_dim": "16",
+       "model.qk_rope_head_dim": "8", "model.v_head_dim": "24"}
+
+
+@pytest.mark.parametrize("overrides", [
+    {}, {"moe.shared_expert_hidden": "64", "moe.top_k": "1"}, {"moe.num_experts": "0"}, MLA,
+    {**MLA, "model.q_lora_rank": "0"}, {"model.qk_norm": "head", "model.head_dim": "32"}, {"model.qk_norm": "full"},
+    {"model.qkv_bias": "true", "model.out_bias": "true", "moe.router_bias": "true", "moe.expert_biases": "true",
+     "moe.expert_act": "clamped_swiglu"},
+])
 def test_activation_estimate_matches_saved_tensors(overrides):
     """Within 10% of the bytes autograd saves in a real forward (plus the logits and their gradient).
 
-    On the grouped_mm backend, as on GPUs: the CPU's padded one for small groups keeps padded copies.
+    On the grouped_mm backend, as on GPUs: the CPU's padded one for small groups keeps padded copies. Not sinks
+    or a sliding window: on CPU they take a dense-mask kernel, on CUDA flex_attention, whose savings the estimate
+    follows.
     """
     cfg = small_config(**{"data.micro_batch": "4", "model.vocab_size": "1024", "moe.grouped_mm_backend": "grouped_mm",
                           **overrides})

@@ -167,7 +167,7 @@ def _check_refused(family: Family, data: dict, path: Path, rope: dict) -> None:
         refuse_if(data.get("hidden_act", "silu") != "silu", "hidden_act", "the experts are SwiGLU")
     for key in ("router_jitter_noise", "attention_dropout"):
         refuse_if(data.get(key, 0.0) not in (0, None), key, "moe_dist has no jitter or dropout; set it to 0")
-    refuse_if(family.model_type in ("deepseek_v3", "glm4_moe", "minimax_m2") and bool(data.get("attention_bias")),
+    refuse_if(family.model_type in ("deepseek_v3", "minimax_m2") and bool(data.get("attention_bias")),
               "attention_bias", f"{family.architecture}'s attention has no output bias here")
     refuse_if(family.model_type == "minimax_m2" and data.get("scoring_func", "sigmoid") != "sigmoid", "scoring_func",
               "MiniMax-M2 scores experts with sigmoid")
