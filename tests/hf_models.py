@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 from pathlib import Path
 
@@ -54,7 +55,7 @@ FAMILIES = {
     # gpt-oss: sinks, sliding and full layers alternating (a window of 4 in 16 tokens), biases everywhere, the
     # clamped SwiGLU, YaRN.
     "gpt_oss": (transformers.GptOssConfig, transformers.GptOssForCausalLM,
-                dict(num_hidden_layers=2, intermediate_size=16, num_local_experts=4, head_dim=8, sliding_window=4,
+                dict(num_hidden_layers=2, intermediate_size=32, num_local_experts=4, head_dim=8, sliding_window=4,
                      rope_parameters={"rope_type": "yarn", "rope_theta": 1.5e5, "factor": 4.0, "beta_fast": 32.0,
                                       "beta_slow": 1.0, "truncate": False, "original_max_position_embeddings": 16})),
     # MiniMax-M2: a quarter of each head rotated, QK-norm over the whole projections, sigmoid + correction bias.
@@ -69,7 +70,8 @@ def tiny_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrain
     """A tiny model of `family` in fp32 with every weight random (norms around 1), so that a weight mapped to
     the wrong place changes the logits and no two experts tie; `overrides` change its config."""
     config_cls, model_cls, values = FAMILIES[family]
-    model = model_cls(config_cls(**{**COMMON, **values, **overrides})).eval()
+    # A copy: transformers writes into the rope_parameters dict it is given (partial_rotary_factor, for one).
+    model = model_cls(config_cls(**copy.deepcopy({**COMMON, **values, **overrides}))).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -121,7 +122,7 @@ def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
     same config."""
     config_cls, model_cls, values = FAMILIES[family]
     sparse_step = {} if family in NEW_FAMILIES else {"decoder_sparse_step": 2}  # read by the Qwen families
-    hf = model_cls(config_cls(**{**COMMON, **values, **sparse_step}))
+    hf = model_cls(config_cls(**copy.deepcopy({**COMMON, **values, **sparse_step})))
     hf.config.save_pretrained(tmp_path)
     cfg = config_from_hf(tmp_path, {"data.seq_len": "16"})
     assert count_params(cfg)["total"][0] == sum(p.numel() for p in hf.parameters())
@@ -150,7 +151,7 @@ def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
 ])
 def test_family_features_that_do_not_map_are_one_line(tmp_path, capsys, family, change, message):
     config_cls, _, values = FAMILIES[family]
-    config_cls(**COMMON, **values).save_pretrained(tmp_path)
+    config_cls(**copy.deepcopy({**COMMON, **values})).save_pretrained(tmp_path)
     path = tmp_path / "config.json"
     data = {key: value for key, value in {**json.loads(path.read_text()), **change}.items() if value is not None}
     path.write_text(json.dumps(data))
