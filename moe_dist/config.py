@@ -396,6 +396,11 @@ def validate(cfg: Config) -> None:
            f"model.rope_scaling = {m.rope_scaling!r} needs model.rope_original_max_seq_len > 0")
     _check(m.attention != "mla" or m.qk_rope_head_dim % 2 == 0,
            f"model.qk_rope_head_dim = {m.qk_rope_head_dim} must be even (rotary)")
+    mla_lacks = {"model.qk_norm": m.qk_norm != "none", "model.qkv_bias": m.qkv_bias, "model.clip_qkv": m.clip_qkv,
+                 "model.attention_sinks": m.attention_sinks, "model.rotary_dim": m.rotary_dim}
+    lacking = next((key for key, on in mla_lacks.items() if on), None)
+    _check(m.attention != "mla" or lacking is None,
+           f"{lacking} is a grouped-query attention option; model.attention = 'mla' has none")
     _check(all(0 <= i < m.n_layers for i in m.full_attention_layers),
            f"model.full_attention_layers = {m.full_attention_layers} must hold layer numbers in "
            f"[0, model.n_layers = {m.n_layers})")
