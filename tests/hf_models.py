@@ -39,8 +39,8 @@ FAMILIES = {
     # one leading dense layer.
     "deepseek_v3": (transformers.DeepseekV3Config, transformers.DeepseekV3ForCausalLM,
                     dict(num_hidden_layers=3, intermediate_size=40, moe_intermediate_size=16, n_routed_experts=4,
-                         num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16, kv_lora_rank=12,
-                         qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_group=2, topk_group=1,
+                         num_key_value_heads=4, n_shared_experts=1, first_k_dense_replace=1, q_lora_rank=16,
+                         kv_lora_rank=12, qk_rope_head_dim=4, qk_nope_head_dim=8, v_head_dim=6, n_group=2, topk_group=1,
                          routed_scaling_factor=2.5, rope_interleave=True,
                          rope_parameters={"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0,
                                           "original_max_position_embeddings": 16, "beta_fast": 32.0, "beta_slow": 1.0,
