@@ -116,7 +116,7 @@ def test_hf_export_matches_transformers_mixtral(tmp_path, overrides):
     ({"moe.first_k_dense": "1"}, "moe.first_k_dense"),
     ({"moe.every_n_layers": "2"}, "moe.every_n_layers"),
     ({"moe.capacity_factor": "1.25"}, "moe.capacity_factor"),
-    ({"moe.score_func": "sigmoid"}, "moe.score_func"),
+    ({"moe.score_func": "sigmoid", "model.attention_sinks": "true"}, "model.attention_sinks"),
     ({"moe.renormalize": "false"}, "moe.renormalize"),
     ({"moe.num_experts": "0"}, "moe.num_experts"),
     ({"moe.n_group": "2", "moe.topk_group": "1"}, "moe.topk_group"),
