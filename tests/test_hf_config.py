@@ -148,6 +148,11 @@ def test_each_family_maps_exactly_and_round_trips(tmp_path, family):
     ("qwen2_moe", {"mlp_only_layers": [7]}, "moe.dense_layers = [7] must hold layer numbers in [0, model.n_layers"),
     ("qwen2_moe", {"mlp_only_layers": [True]}, "mlp_only_layers = [true] must be a list of integers"),
     ("qwen3_moe", {"norm_topk_prob": "false"}, 'norm_topk_prob = "false" must be true or false'),
+    ("deepseek_v3", {"attention_bias": True}, "attention_bias = true is not supported"),
+    ("deepseek_v3", {"kv_lora_rank": None}, "missing kv_lora_rank"),
+    ("gpt_oss", {"rope_parameters": {"rope_type": "dynamic", "factor": 2.0}}, "rope_parameters = {"),
+    ("minimax_m2", {"scoring_func": "softmax"}, 'scoring_func = "softmax" is not supported'),
+    ("glm4_moe", {"n_group": "2"}, 'n_group = "2" must be an integer'),
 ])
 def test_family_features_that_do_not_map_are_one_line(tmp_path, capsys, family, change, message):
     config_cls, _, values = FAMILIES[family]
