@@ -195,6 +195,13 @@ def _set_process_state(state: dict) -> None:
     kernels.grouped_mm.MEASURED_BACKENDS.update(state.get("grouped_mm_backends", {}))
 
 
+def _data_state_template(path: Path) -> dict:
+    """The data loader's state as the checkpoint holds it (DCP loads only the keys it is given): one dataset's
+    position, or a mixture's (moe_dist.data.mixture)."""
+    saved = dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    return {"mixture": ""} if "train.data.mixture" in saved else {"epoch": 0, "position": 0}
+
+
 class Checkpointer:
     """Saves and restores model, optimizer, scheduler and the trainer's own state on every rank."""
 
@@ -360,7 +367,7 @@ class Checkpointer:
             if problem is not None:
                 raise CheckpointError(problem)
         state = self._state(model, optimizer, scheduler, {})
-        state["train"] = {"step": 0, "tokens": 0, "data": {"epoch": 0, "position": 0}}
+        state["train"] = {"step": 0, "tokens": 0, "data": _data_state_template(path)}
         dcp.load(state, checkpoint_id=path)
         set_model_state_dict(model, state["model"])
         set_optimizer_state_dict(model, optimizer, state["optimizer"])

@@ -125,8 +125,25 @@ class ParallelConfig:
 
 
 @dataclass
+class MixtureSource:
+    """One prepared dataset of a mixture and its weight (relative: the weights are normalised)."""
+
+    path: str
+    weight: float
+    name: str = ""  # in metrics; "" = the directory's name
+
+    @property
+    def label(self) -> str:
+        """Its name in metrics and checkpoints."""
+        return self.name or Path(self.path).name
+
+
+@dataclass
 class DataConfig:
     path: str = ""  # directory written by moe_dist.data.prep; "" = the built-in default corpus
+    # Several prepared directories instead of data.path, each filling its weight's share of every global batch:
+    # in TOML [{path = "web", weight = 3}, ...], on the command line web=3,code=1
+    mixture: list[MixtureSource] = field(default_factory=list)
     seq_len: int = num(128, "[1, inf)")
     micro_batch: int = num(4, "[1, inf)")  # sequences per rank per micro-step
     val_fraction: float = num(0.02, "[0, 1)")
@@ -146,6 +163,16 @@ class OptimConfig:
     beta2: float = num(0.95, "[0, 1)")
     eps: float = num(1e-8, "(0, inf)")
     grad_clip: float = num(1.0, "[0, inf)")  # 0 = off
+    # After the warmup: cosine or linear to min_lr_ratio at train.steps; constant at 1; wsd (warmup-stable-decay)
+    # at 1, then decay_shape down to min_lr_ratio over the last decay_steps (0 = decay_fraction of train.steps).
+    schedule: str = "cosine"  # cosine | wsd | linear | constant
+    decay_steps: int = num(0, "[0, inf)")
+    decay_fraction: float = num(0.2, "(0, 1]")
+    decay_shape: str = "linear"  # linear | cosine | 1-sqrt
+
+    def decay_length(self, total_steps: int) -> int:
+        """wsd: the decay's steps at train.steps = total_steps."""
+        return self.decay_steps or max(1, round(self.decay_fraction * total_steps))
 
 
 @dataclass
@@ -153,6 +180,12 @@ class TrainConfig:
     name: str = "tiny"  # the run dir is metrics.runs_dir / name: a plain name, not a path
     # a Hugging Face model dir to start from: its config.json sets model and moe, its safetensors the weights
     init_from: str = ""
+    # with init_from a dense model and moe.num_experts > 0 (upcycling): Gaussian noise of this times the RMS of the
+    # dense weight an expert copies (w2 as copied: times its segments) added to the copy; 0 = exact copies
+    upcycle_noise: float = num(0.0, "[0, inf)")
+    # A new run that starts where another run's checkpoint is (model, optimizer, schedule step, data position), with
+    # this config: a checkpoint dir (runs/<run>/checkpoints/step-N) or a run dir (its latest checkpoint).
+    branch_from: str = ""
     steps: int = num(100, "[1, inf)")  # the schedule's length
     # stop (checkpointed) at this step, e.g. to fit a job's time limit; 0 = at train.steps
     stop_after: int = num(0, "[0, inf)")
@@ -201,6 +234,8 @@ CHOICES = {
     "moe.grouped_mm_backend": ("auto", "grouped_mm", "padded", "loop"),
     "parallel.param_dtype": ("auto", "float32", "bfloat16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),
+    "optim.schedule": ("cosine", "wsd", "linear", "constant"),
+    "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.device": ("auto", "cpu", "cuda"),
     "checkpoint.resume": ("", "auto"),
 }
@@ -237,6 +272,8 @@ def _coerce(key: str, value: object, typ: type) -> object:
             return float(value)
     elif typ is str and isinstance(value, str):
         return value
+    elif typ == list[MixtureSource]:
+        return _mixture(key, value)
     elif typing.get_origin(typ) is list:  # list[int]: a TOML array, or "1,3" on the command line
         items = [v for v in value.split(",") if v.strip()] if isinstance(value, str) else value
         if isinstance(items, list):
@@ -246,6 +283,28 @@ def _coerce(key: str, value: object, typ: type) -> object:
                 pass
         raise ConfigError(f"config: {key} must be a list of int (e.g. 1,3), got {value!r}")
     raise ConfigError(f"config: {key} must be {typ.__name__}, got {value!r}")
+
+
+def _mixture(key: str, value: object) -> list[MixtureSource]:
+    """A TOML array of {path, weight[, name]} tables, or "path=weight,path=weight" on the command line."""
+    example = f"config: {key} must be a list of {{path = ..., weight = ...}} tables (on the command line " \
+              f"path=weight,path=weight), got {value!r}"
+    if isinstance(value, str):
+        pairs = [item.rpartition("=") for item in value.split(",") if item.strip()]
+        if not all(eq and path for path, eq, _ in pairs):
+            raise ConfigError(example)
+        value = [{"path": path, "weight": weight} for path, _, weight in pairs]
+    if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
+        raise ConfigError(example)
+    sources = []
+    for i, table in enumerate(value):
+        unknown = set(table) - {"path", "weight", "name"}
+        if unknown or "path" not in table or "weight" not in table:
+            raise ConfigError(f"config: {key}[{i}] = {table!r} must have path and weight (and may have name)")
+        sources.append(MixtureSource(_coerce(f"{key}[{i}].path", table["path"], str),
+                                     _coerce(f"{key}[{i}].weight", table["weight"], float),
+                                     _coerce(f"{key}[{i}].name", table.get("name", ""), str)))
+    return sources
 
 
 def _set(cfg: Config, key: str, value: object) -> None:
@@ -377,6 +436,31 @@ def _check_run_name(name: str) -> None:
            f"not starting with '.', '-' or '_' (to put runs elsewhere, set metrics.runs_dir)")
 
 
+def _check_schedule(cfg: Config) -> None:
+    """The WSD decay fits after the warmup; a branch starts from its source's weights alone."""
+    o, steps = cfg.optim, cfg.train.steps
+    decay = (f"optim.decay_steps = {o.decay_steps}" if o.decay_steps
+             else f"optim.decay_fraction = {o.decay_fraction} ({o.decay_length(steps)} steps)")
+    _check(o.schedule != "wsd" or o.warmup_steps + o.decay_length(steps) <= steps,
+           f"{decay} must fit in train.steps = {steps} after optim.warmup_steps = {o.warmup_steps}")
+    _check(not (cfg.train.branch_from and cfg.train.init_from),
+           "train.branch_from and train.init_from exclude each other: a branch starts from its source run's weights")
+
+
+def _check_mixture(d: DataConfig) -> None:
+    _check(not (d.path and d.mixture), "data.path and data.mixture exclude each other (a one-source mixture is "
+                                       "data.mixture = [{path = ..., weight = 1}])")
+    names = []
+    for i, source in enumerate(d.mixture):
+        _check(source.path != "", f"data.mixture[{i}].path must not be empty")
+        _check(math.isfinite(source.weight) and source.weight > 0,
+               f"data.mixture[{i}].weight = {source.weight} must be finite and > 0")
+        names.append(source.label)
+        _check(names[-1] not in names[:-1] and names[-1] not in ("", ".", ".."),
+               f"data.mixture[{i}] is named {names[-1]!r}, as another source is (or not at all): give it a name "
+               f"(name = ...)")
+
+
 def validate(cfg: Config) -> None:
     """Reject bad values and impossible combinations with one line naming the key."""
     for key, allowed in CHOICES.items():
@@ -430,10 +514,24 @@ def validate(cfg: Config) -> None:
         _check(p.ep in (0, 1), f"parallel.ep = {p.ep} needs moe.num_experts > 0")
     _check(p.dp_shard != 0, f"parallel.dp_shard = {p.dp_shard} must be -1 (the rest) or >= 1")
     _check(cfg.data.text_field != "", "data.text_field must not be empty")
+    _check_schedule(cfg)
+    _check_mixture(cfg.data)
     _check(cfg.data.document_mask or not cfg.data.restart_positions,
            "data.restart_positions = true needs data.document_mask = true")
     _check(not cfg.metrics.tensorboard or importlib.util.find_spec("tensorboard") is not None,
            "metrics.tensorboard = true needs the tensorboard package (pip install tensorboard)")
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(value, list):
+        return "[" + ", ".join(map(_toml_value, value)) + "]"
+    if isinstance(value, dict):  # a mixture source: an inline table
+        return "{" + ", ".join(f"{k} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    return repr(value)
 
 
 def to_toml(cfg: Config) -> str:
@@ -442,12 +540,6 @@ def to_toml(cfg: Config) -> str:
     for section in dataclasses.fields(cfg):
         lines.append(f"[{section.name}]")
         for name, value in dataclasses.asdict(getattr(cfg, section.name)).items():
-            if isinstance(value, bool):
-                text = "true" if value else "false"
-            elif isinstance(value, str):
-                text = '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
-            else:
-                text = repr(value)
-            lines.append(f"{name} = {text}")
+            lines.append(f"{name} = {_toml_value(value)}")
         lines.append("")
     return "\n".join(lines)

@@ -116,17 +116,30 @@ class MetricsLogger:
         line = (f"step {step:>5}/{self.total_steps} | loss {metrics['loss']:.4f} | aux {metrics['aux_loss']:.4f}"
                 f" | lr {metrics['lr']:.2e} | gnorm {metrics['grad_norm']:.3f}"
                 f" | {metrics['tokens_per_s']:,.0f} tok/s")
+        sources = [(key[5:], value) for key, value in metrics.items() if key.startswith("loss/")]
+        if sources:  # a mixture's sources
+            line += " | " + " ".join(f"{name} {value:.4f}" for name, value in sources)
         if "expert_load_max_mean" in metrics:
             line += f" | load max/mean {max(metrics['expert_load_max_mean'].values()):.2f}"
             if any(metrics["dropped"].values()):
                 line += f" | dropped {sum(metrics['dropped'].values())}"
         print(f"{line} | {_clock(self.elapsed())} elapsed, ETA {_clock(eta)}", flush=True)
 
-    def eval(self, step: int, loss: float) -> None:
+    def eval(self, step: int, loss: float, source_losses: dict[str, float] | None = None) -> None:
+        """The validation loss, and a mixture's per source."""
+        source_losses = source_losses or {}
         self.write({"kind": "eval", "step": step, "elapsed": round(self.elapsed(), 3), "val_loss": loss,
-                    "val_perplexity": _perplexity(loss)})
+                    "val_perplexity": _perplexity(loss), **{f"val_loss/{n}": v for n, v in source_losses.items()}})
         if self.enabled:
-            print(f"eval step {step:>5} | val loss {loss:.4f} | val ppl {_perplexity(loss):.2f}", flush=True)
+            per_source = "".join(f" | {name} {value:.4f}" for name, value in source_losses.items())
+            print(f"eval step {step:>5} | val loss {loss:.4f} | val ppl {_perplexity(loss):.2f}{per_source}",
+                  flush=True)
+
+    def repeat(self, step: int, source: str, epoch: int) -> None:
+        """A mixture source ran out in this step and starts its windows over (its epoch `epoch`, from 0)."""
+        self.write({"kind": "data", "step": step, f"epoch/{source}": epoch})
+        if self.enabled:
+            print(f"data: source {source} ran out at step {step}: it repeats (epoch {epoch})", flush=True)
 
     def close(self) -> None:
         if self.file:

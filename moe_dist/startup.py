@@ -1,4 +1,4 @@
-"""Everything before a run's first step: the data, the run dir, the checkpoint to resume from.
+"""Everything before a run's first step: the data, the run dir, the checkpoint to resume or branch from.
 
 All of it is checked before anything is written: once by the launchers in one process (`--preflight`,
 before torchrun starts the ranks), and again on every rank. A run dir has one writer: rank 0 holds its lock
@@ -12,21 +12,25 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch.distributed as dist
 
-from moe_dist.checkpoint import Checkpointer, CheckpointError
+from moe_dist.checkpoint import Checkpointer, CheckpointError, latest_checkpoint, read_complete
 from moe_dist.config import Config, ConfigError, load_config, to_toml
 from moe_dist.data import DataError
 from moe_dist.data.corpus import default_corpus
 from moe_dist.data.loader import check_compatible
 from moe_dist.data.manifest import read_manifest
+from moe_dist.data.mixture import check_mixture
 from moe_dist.data.tokenizer import TOKENIZER_CONFIG, file_hash
 from moe_dist.files import unwritable_reason
 from moe_dist.hf.config import SOURCE_TOKEN_IDS, hf_tokenizer, source_token_ids
+from moe_dist.hf.upcycle import UpcycledWeights
 from moe_dist.hf.weights import HFWeights, open_init_weights
+from moe_dist.optim import lr_factor
 from moe_dist.parallel.agreement import first_problem
 from moe_dist.run_lock import RunInUseError, RunLock, refuse_if_live
 
@@ -50,8 +54,8 @@ class RunStart:
     run_dir: Path
     data_dir: Path
     checkpointer: Checkpointer
-    checkpoint: Path | None  # the verified checkpoint to resume from; None: start fresh
-    init_weights: HFWeights | None  # train.init_from's weights, checked against the model; None when resuming
+    checkpoint: Path | None  # the verified checkpoint to resume (or branch) from; None: start fresh
+    init_weights: HFWeights | UpcycledWeights | None  # train.init_from's, checked against the model; None resuming
 
 
 def run_entries(run_dir: Path) -> list[Path]:
@@ -106,8 +110,9 @@ def _get(cfg: Config, key: str) -> object:
     return getattr(getattr(cfg, section), name)
 
 
-def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> None:
-    """CheckpointError naming the first model key whose value differs from the checkpoint's config."""
+def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> Config:
+    """CheckpointError naming the first model key whose value differs from the checkpoint's config; returns that
+    config. Anything else (train.steps, the schedule) may change."""
     try:
         saved = load_config(str(checkpoint / "config.toml"))
     except ConfigError as e:
@@ -117,6 +122,26 @@ def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> None:
             raise CheckpointError(f"checkpoint {checkpoint}: {key} = {_get(saved, key)!r} there, "
                                   f"{_get(cfg, key)!r} in this config; resume with the checkpoint's model "
                                   f"or start a new run (--train.name)")
+    return saved
+
+
+def schedule_change(saved: Config, step: int, cfg: Config) -> str | None:
+    """A warning when `step` is inside the decay of the checkpoint's schedule and this config's schedule gives
+    another lr there (a WSD run extended after its decay began): the lr jumps."""
+    before = lr_factor(step, saved.optim, saved.train.steps)
+    after = lr_factor(step, cfg.optim, cfg.train.steps)
+    if step < saved.optim.warmup_steps or before >= 1 or after == before:
+        return None
+    return (f"warning: step {step} is inside the decay of the checkpoint's schedule (optim.schedule = "
+            f"{saved.optim.schedule!r}, train.steps = {saved.train.steps}): this config's schedule moves the lr "
+            f"factor there from {before:.4g} to {after:.4g}")
+
+
+def _announce_start(checkpoint: Path, saved: Config, cfg: Config, how: str) -> None:
+    print(f"{how} {checkpoint}", flush=True)
+    warning = schedule_change(saved, read_complete(checkpoint)["step"], cfg)
+    if warning is not None:
+        print(warning, file=sys.stderr, flush=True)
 
 
 def tokenized_with(data_dir: Path, tokenizer: Path) -> bool:
@@ -139,12 +164,14 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
     if cfg.train.init_from and tokenizer is None:  # a new tokenizer's ids would mean nothing to its embeddings
         raise DataError(f"data: train.init_from = {cfg.train.init_from} has no tokenizer.json; moe_dist tokenizes "
                         f"with the checkpoint's own tokenizer (copy it there from the model's repository)")
-    if cfg.data.path:
-        data_dir = Path(cfg.data.path)
+    if cfg.data.mixture:  # its sources repeat, so a step may hold more windows than a source: no grad_accum bound
+        data_dir = check_mixture(cfg.data.mixture, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch,
+                                 world_size)
     else:
-        data_dir = default_corpus(Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
-    check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size,
-                     cfg.train.grad_accum)
+        data_dir = Path(cfg.data.path) if cfg.data.path else default_corpus(
+            Path(cfg.metrics.runs_dir) / "_corpus", cfg.model.vocab_size, tokenizer)
+        check_compatible(data_dir, cfg.model.vocab_size, cfg.data.seq_len, cfg.data.micro_batch, world_size,
+                         cfg.train.grad_accum)
     if tokenizer is not None and not tokenized_with(data_dir, tokenizer):
         raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, the one of "
                         f"train.init_from; prepare it with python -m moe_dist.data.prep --tokenizer "
@@ -153,14 +180,53 @@ def prepare_data(cfg: Config, world_size: int) -> Path:
 
 
 def find_checkpoint(checkpointer: Checkpointer, cfg: Config, announce: bool) -> Path | None:
-    """The checkpoint to resume from (verified, checked against this config), or None to start fresh."""
+    """The checkpoint to resume from (verified, checked against this config), or None to start fresh (a branched
+    run without a checkpoint of its own: at its branch point)."""
     path = checkpointer.find_resumable()
-    if path is None and cfg.checkpoint.resume != "auto":  # --resume is strict; "auto" may start fresh
-        raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
-    if path is not None:
-        check_checkpoint_compatible(path, cfg)
+    if path is None:
+        if cfg.checkpoint.resume != "auto" and not cfg.train.branch_from:  # --resume is strict; "auto" may start fresh
+            raise CheckpointError(f"--resume: no checkpoint in {checkpointer.root}")
+        if announce and not cfg.train.branch_from:
+            print("no checkpoint to resume from: starting fresh", flush=True)
+        return None
+    saved = check_checkpoint_compatible(path, cfg)
     if announce:
-        print(f"resuming from {path}" if path else "no checkpoint to resume from: starting fresh", flush=True)
+        _announce_start(path, saved, cfg, "resuming from")
+    return path
+
+
+def find_branch_point(cfg: Config, run_dir: Path, data_dir: Path, checkpointer: Checkpointer,
+                      announce: bool) -> Path:
+    """train.branch_from's checkpoint, verified and checked against this config and data: where this new run
+    starts. Only read: the source run is never written to."""
+    source = Path(cfg.train.branch_from)
+    key = f"train.branch_from = {source}"
+    if not source.is_dir():
+        raise CheckpointError(f"{key}: no such directory (a run dir, or a checkpoint dir of one)")
+    if (source / RUN_MARKER).is_file():  # a run dir: its latest checkpoint
+        source_run, path = source, latest_checkpoint(source / "checkpoints")
+        if path is None:
+            raise CheckpointError(f"{key}: that run has no checkpoint yet")
+    else:
+        source_run, path = source.parent.parent, source
+    if path.resolve().is_relative_to(run_dir.resolve()):  # --overwrite would delete it, a resume replace it
+        raise RunError(f"train: {key} is inside this run's dir {run_dir}: a branch is a new run; choose another "
+                       f"--train.name")
+    problem = checkpointer.verify_everywhere(path)
+    if problem is not None:
+        raise CheckpointError(f"{key}: {problem}")
+    saved = check_checkpoint_compatible(path, cfg)
+    step = read_complete(path)["step"]
+    if step >= cfg.train.steps:
+        raise ConfigError(f"config: train.steps = {cfg.train.steps} must be more than the step of {key} ({step})")
+    tokenizer = source_run / "tokenizer.json"
+    if not tokenizer.is_file():
+        raise DataError(f"data: {key}: no {tokenizer}, so the data cannot be checked against that run's tokenizer")
+    if not tokenized_with(data_dir, tokenizer):
+        raise DataError(f"data: {data_dir} was tokenized with another tokenizer than {tokenizer}, which the run of "
+                        f"{key} was trained with")
+    if announce:
+        _announce_start(path, saved, cfg, "branching from")
     return path
 
 
@@ -179,6 +245,8 @@ def check_run(cfg: Config, rank: int, world_size: int, resume: bool, overwrite: 
     if resuming:
         check_run_tokenizer(run_dir, data_dir)
         checkpoint = find_checkpoint(checkpointer, cfg, announce)
+    if checkpoint is None and cfg.train.branch_from:  # once it has a checkpoint of its own, a branch resumes from it
+        checkpoint = find_branch_point(cfg, run_dir, data_dir, checkpointer, announce)
     if cfg.train.init_from and resuming and checkpoint is None:
         init_weights = open_init_weights(cfg)
     return RunStart(run_dir, data_dir, checkpointer, checkpoint, init_weights)

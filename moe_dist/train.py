@@ -6,7 +6,7 @@ import math
 import os
 import signal
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -21,14 +21,15 @@ from moe_dist.cli import error_line
 from moe_dist.config import Config, ConfigError, parse_args
 from moe_dist.data import DataError
 from moe_dist.data.flags import IGNORE
-from moe_dist.data.loader import Batch, DataLoader
+from moe_dist.data.loader import Batch
+from moe_dist.data.mixture import build_loaders
 from moe_dist.files import WriteError
 from moe_dist.hf.config import with_init_from
 from moe_dist.lifetime import exit_with_parent
 from moe_dist.metrics import MetricsLogger, expert_load_metrics
 from moe_dist.model import Routing, Transformer, moe_layers
 from moe_dist.model.transformer import is_moe_layer
-from moe_dist.optim import build_optimizer, build_scheduler
+from moe_dist.optim import build_optimizer, build_scheduler, resume_schedule
 from moe_dist.parallel import clip_grad_norm_, local_part, parallelize
 from moe_dist.parallel.materialize import BlockReader, materialize
 from moe_dist.parallel.mesh import Runtime, build_mesh, exit_process, init_distributed, resolve_mesh
@@ -51,6 +52,7 @@ class StepResult:
     dropped: Tensor | None  # [moe layers] pairs dropped by capacity in this step, all ranks
     targets: int  # targets that count in the global batch; 0: nothing to learn from, no update was made
     skipped: bool = False  # the loss or the gradient was not finite: no update was made
+    source_losses: list[float] = field(default_factory=list)  # per mixture source (data.mixture), nan without targets
 
 
 def sum_over_ranks(value: Tensor) -> Tensor:
@@ -65,21 +67,28 @@ def loss_fn(logits: Tensor, targets: Tensor) -> Tensor:
     return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE)
 
 
+def token_losses(logits: Tensor, targets: Tensor) -> Tensor:
+    """[B, S] cross-entropy of each target, 0 where it does not count. Their sum divided by the global batch's count,
+    not a mean per rank, is the single-process loss whatever each rank holds."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE,
+                           reduction="none").view(targets.shape)
+
+
 def loss_sum(logits: Tensor, targets: Tensor) -> Tensor:
-    """Summed cross-entropy over the targets that count: divided by the global batch's count, not a mean per
-    rank, it is the single-process loss whatever each rank holds."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(), ignore_index=IGNORE, reduction="sum")
+    """Summed cross-entropy over the targets that count."""
+    return token_losses(logits, targets).sum()
 
 
 def forward(model: nn.Module, batch: Batch) -> tuple[Tensor, Tensor, Routing | None]:
     return model(batch.inputs, segments=batch.segments, positions=batch.positions, routing=True)
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[Batch]) -> StepResult:
+def accumulate_gradients(model: nn.Module, micro_batches: list[Batch], sources: int = 0) -> StepResult:
     """Forward and backward over `micro_batches` (gradient accumulation): the gradients of the loss, which is the
     sum over every target that counts in the global batch (all ranks, all micro-batches) divided by their global
     count, so masks that leave ranks with different counts still give the single-process loss and gradients.
-    Returns the step's loss, aux loss and routing counts (grad_norm not yet known: nan)."""
+    Returns the step's loss (and each of `sources` mixture sources' loss), aux loss and routing counts (grad_norm
+    not yet known: nan)."""
     model.train()
     micro_batches = [Batch(*b) for b in micro_batches]
     world = dist.get_world_size() if dist.is_initialized() else 1
@@ -87,34 +96,43 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[Batch]) -> StepRe
     # FSDP averages gradients over the ranks: scaling by world makes that average the gradient of the global sum.
     scale = world / counted.clamp(min=1)
     ce_sum = aux_sum = torch.zeros(())
+    by_source = torch.zeros(2, sources)  # summed cross-entropy and targets that count, per mixture source
     routings = []  # each micro-batch's; none without MoE layers
     for i, batch in enumerate(micro_batches):
         if isinstance(model, FSDPModule):  # reduce gradients once, after the last micro-batch
             model.set_requires_gradient_sync(i == len(micro_batches) - 1)
         logits, aux_loss, routing = forward(model, batch)
-        ce = loss_sum(logits, batch.targets)
+        losses = token_losses(logits, batch.targets)
+        ce = losses.sum()
         (ce * scale.to(ce.device) + aux_loss / len(micro_batches)).backward()
         ce_sum = ce_sum + ce.detach().cpu()
         aux_sum = aux_sum + aux_loss.detach().cpu()
+        if sources:
+            per_sequence = torch.stack([losses.detach().sum(1), (batch.targets != IGNORE).sum(1).float()]).cpu()
+            by_source.index_add_(1, batch.source.cpu(), per_sequence)
         if routing is not None:
             routings.append(routing)
     # The routers reduce the expert load over the ranks already; the dropped pairs are summed over them here.
     load = torch.stack([r.counts for r in routings]).sum(0).cpu() if routings else None
     dropped = torch.stack([r.dropped for r in routings]).sum(0).cpu().float() if routings else torch.zeros(0)
-    totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum / len(micro_batches)]), dropped]))
+    totals = sum_over_ranks(torch.cat([torch.stack([ce_sum, aux_sum / len(micro_batches)]), dropped,
+                                       by_source.flatten()]))
     targets, aux = int(counted.item()), (totals[1] / world).item()
     loss = (totals[0] / targets).item() if targets else math.nan
-    return StepResult(loss, aux, math.nan, load, totals[2:].long() if routings else None, targets)
+    dropped, by_source = totals[2:2 + len(dropped)], totals[2 + len(dropped):].view(2, sources)
+    source_losses = [(ce / n).item() if n else math.nan for ce, n in by_source.T]
+    return StepResult(loss, aux, math.nan, load, dropped.long() if routings else None, targets,
+                      source_losses=source_losses)
 
 
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler, micro_batches: list[Batch],
-               max_grad_norm: float) -> StepResult:
+               max_grad_norm: float, sources: int = 0) -> StepResult:
     """One optimizer step over `micro_batches` (accumulate_gradients), then the router bias update.
 
     A global batch with no target that counts, or a non-finite loss or gradient norm (all global, so every rank
     agrees), skips the update.
     """
-    result = accumulate_gradients(model, micro_batches)
+    result = accumulate_gradients(model, micro_batches, sources)
     if result.targets == 0:  # the gradient would be the aux loss's alone: nothing to learn from
         optimizer.zero_grad(set_to_none=True)
         return result
@@ -210,26 +228,32 @@ class Trainer:
         cfg, runtime = self.cfg, self.runtime
         self.run_dir, self.checkpointer = start.run_dir, start.checkpointer
         d = cfg.data
-        self.train_data, self.val_data = (
-            DataLoader(start.data_dir, split, d.seq_len, d.micro_batch, runtime.rank, runtime.world_size, d.seed,
-                       d.document_mask, d.restart_positions) for split in ("train", "val"))
+        self.train_data, self.val_data = build_loaders(d, start.data_dir, runtime.rank, runtime.world_size)
+        self.sources = [name for name, _, _ in self.val_data if name]  # a mixture's, by Batch.source
         self.optimizer = build_optimizer(self.model, cfg.optim, runtime.device)
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.steps)
         self.step = self.tokens = 0
         if start.checkpoint is not None:
             state = self.checkpointer.load(start.checkpoint, self.model, self.optimizer, self.scheduler)
+            resume_schedule(self.scheduler)  # this config's schedule (a longer or branched run's) from here on
             self.step, self.tokens = int(state["step"]), int(state["tokens"])
-            self.train_data.load_state_dict(state["data"])
+            same_weights = self.train_data.load_state_dict(state["data"])
+            if self.sources and not same_weights and runtime.rank == 0:
+                print(f"data: data.mixture's weights differ from the checkpoint's: every source continues from its "
+                      f"own position, and the shares count afresh from step {self.step}", flush=True)
         if runtime.rank == 0:
             total, active = count_params(cfg)["total"]
             print(f"{cfg.train.name}: {total:,} parameters ({active:,} active) | {runtime.world_size} ranks = "
-                  f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data {start.data_dir}",
+                  f"dp_shard {mesh.shape[0]} x ep {mesh.shape[1]} on {runtime.device.type} | data "
+                  f"{', '.join(f'{n} {w:.3g}' for n, w, _ in self.val_data) if self.sources else start.data_dir}",
                   flush=True)
         # An evaluation reads each val window at most once: beyond the split, more steps would only repeat it.
-        self.eval_steps = min(cfg.train.eval_steps, self.val_data.global_batches())
-        if self.eval_steps < cfg.train.eval_steps and runtime.rank == 0:
-            print(f"train.eval_steps = {cfg.train.eval_steps} is more than the {self.eval_steps} global batches of the "
-                  f"val split at {runtime.world_size} ranks: each evaluation reads those", flush=True)
+        self.eval_steps = [min(cfg.train.eval_steps, val.global_batches()) for _, _, val in self.val_data]
+        for (name, _, _), steps in zip(self.val_data, self.eval_steps):
+            if steps < cfg.train.eval_steps and runtime.rank == 0:
+                print(f"train.eval_steps = {cfg.train.eval_steps} is more than the {steps} global batches of the val "
+                      f"split{f' of {name}' if name else ''} at {runtime.world_size} ranks: each evaluation reads "
+                      f"those", flush=True)
         self.tokens_per_step = runtime.world_size * d.micro_batch * d.seq_len * cfg.train.grad_accum
         self.logger = MetricsLogger(self.run_dir, runtime.rank, cfg.train.steps, self.step, self.tokens_per_step,
                                     training_flops_per_token(cfg), cfg.metrics.tensorboard)
@@ -247,13 +271,20 @@ class Trainer:
         return flags[0].item() > 0
 
     def evaluate(self) -> float:
-        batches = [to_device(next(self.val_data), self.runtime.device) for _ in range(self.eval_steps)]
-        self.val_data.reset()
-        loss, targets = evaluate(self.model, batches)
-        if targets == 0 and self.runtime.rank == 0:
-            print(f"warning: step {self.step}: the validation batches (train.eval_steps = {self.eval_steps})"
-                  f" have no target that counts: no validation loss", file=sys.stderr, flush=True)
-        self.logger.eval(self.step, loss)
+        """The validation loss; for a mixture, each source's and their mean weighted as the mixture is."""
+        losses, weights = {}, {}
+        for (name, weight, val), steps in zip(self.val_data, self.eval_steps):
+            batches = [to_device(next(val), self.runtime.device) for _ in range(steps)]
+            val.reset()
+            loss, targets = evaluate(self.model, batches)
+            if targets == 0 and self.runtime.rank == 0:
+                print(f"warning: step {self.step}: the validation batches{f' of {name}' if name else ''} "
+                      f"(train.eval_steps = {steps}) have no target that counts: no validation loss", file=sys.stderr,
+                      flush=True)
+            if targets:
+                losses[name], weights[name] = loss, weight
+        loss = sum(losses[n] * weights[n] for n in losses) / sum(weights.values()) if losses else math.nan
+        self.logger.eval(self.step, loss, {name: value for name, value in losses.items() if name})
         return loss
 
     def save_if_good(self, result: StepResult | None) -> bool:
@@ -279,6 +310,9 @@ class Trainer:
                        "skipped": result.skipped or empty}
             if result.expert_load is not None:
                 metrics.update(expert_load_metrics(result.expert_load, result.dropped, self.moe_layer_ids))
+            if self.sources:
+                metrics.update({f"loss/{name}": loss for name, loss in zip(self.sources, result.source_losses)})
+                metrics.update({f"tokens/{name}": n for name, n in self.train_data.tokens_taken().items()})
             self.logger.train(self.step, metrics)
         if result.skipped and self.runtime.rank == 0:
             print(f"warning: step {self.step}: non-finite loss {result.loss} or gradient norm {result.grad_norm}: "
@@ -296,13 +330,18 @@ class Trainer:
         try:
             while self.step < last:
                 batches = [to_device(next(self.train_data), self.runtime.device) for _ in range(cfg.train.grad_accum)]
-                result = train_step(self.model, self.optimizer, self.scheduler, batches, cfg.optim.grad_clip)
+                result = train_step(self.model, self.optimizer, self.scheduler, batches, cfg.optim.grad_clip,
+                                    len(self.sources))
                 self.step, self.tokens = self.step + 1, self.tokens + self.tokens_per_step
                 self.first_loss = result.loss if self.first_loss is None else self.first_loss
                 nonfinite_in_a_row = nonfinite_in_a_row + 1 if result.skipped else 0
                 self.checkpointer.poll()
                 preempted = self.agree(preemption.requested)
                 self.log_step(result, nonfinite_in_a_row, final=preempted or self.step == last)
+                if self.sources:  # a mixture source that ran out during this step starts over
+                    for name, epoch in self.train_data.repeats:
+                        self.logger.repeat(self.step, name, epoch)
+                    self.train_data.repeats.clear()
                 if nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
                     return "diverged", result
                 if preempted:

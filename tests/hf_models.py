@@ -1,4 +1,5 @@
-"""Tiny random models of the eight Hugging Face MoE families, saved as transformers saves them (no download)."""
+"""Tiny random models of the eight Hugging Face MoE families and the four dense ones, saved as transformers saves
+them (no download)."""
 
 from __future__ import annotations
 
@@ -64,14 +65,32 @@ FAMILIES = {
                         bos_token_id=None, eos_token_id=None)),
 }
 NEW_FAMILIES = ("deepseek_v3", "glm4_moe", "gpt_oss", "minimax_m2")
+DENSE_COMMON = {key: value for key, value in COMMON.items()
+                if key not in ("num_experts_per_tok", "router_aux_loss_coef")}
+DENSE = {
+    # Llama: biases on q, k, v and o.
+    "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM,
+              dict(num_hidden_layers=2, intermediate_size=48, attention_bias=True)),
+    # Mistral: a window of 4 in every layer.
+    "mistral": (transformers.MistralConfig, transformers.MistralForCausalLM,
+                dict(num_hidden_layers=2, intermediate_size=48, sliding_window=4)),
+    # Qwen2: q/k/v biases, a window of 4 from layer 1 on (max_window_layers), tied embeddings.
+    "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM,
+              dict(num_hidden_layers=2, intermediate_size=48, use_sliding_window=True, sliding_window=4,
+                   max_window_layers=1, tie_word_embeddings=True)),
+    # Qwen3: per-head QK-norm, a head_dim of its own, biases on q, k, v and o.
+    "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM,
+              dict(num_hidden_layers=2, intermediate_size=48, head_dim=16, attention_bias=True)),
+}
 
 
 def tiny_model(family: str, seed: int = 0, **overrides) -> transformers.PreTrainedModel:
     """A tiny model of `family` in fp32 with every weight random (norms around 1), so that a weight mapped to
     the wrong place changes the logits and no two experts tie; `overrides` change its config."""
-    config_cls, model_cls, values = FAMILIES[family]
+    config_cls, model_cls, values = {**FAMILIES, **DENSE}[family]
+    common = DENSE_COMMON if family in DENSE else COMMON
     # A copy: transformers writes into the rope_parameters dict it is given (partial_rotary_factor, for one).
-    model = model_cls(config_cls(**copy.deepcopy({**COMMON, **values, **overrides}))).eval()
+    model = model_cls(config_cls(**copy.deepcopy({**common, **values, **overrides}))).eval()
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():

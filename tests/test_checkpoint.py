@@ -14,11 +14,12 @@ from moe_dist.config import to_toml
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
-from runs import checkpoint_weights, run_trainer, start_trainer, train_losses, trainer_args, trainer_command, wait_for
+from runs import (SMALL_MODEL, checkpoint_weights, run_trainer, start_trainer, train_losses, trainer_args,
+                  trainer_command, wait_for)
 
 
 def test_resume_is_bit_exact(tmp_path, prepared_data):
-    common = ["--checkpoint.interval", "10", "--checkpoint.keep_last", "5"]
+    common = [*SMALL_MODEL, "--checkpoint.interval", "10", "--checkpoint.keep_last", "5"]
     straight = run_trainer(trainer_command() + trainer_args(tmp_path / "a", prepared_data, "--train.steps", "20",
                                                            *common))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -96,7 +97,7 @@ def _worker_pids(torchrun_pid: int) -> list[int]:
     return [int(pid) for pid in children]
 
 
-CRASH_ARGS = ["--train.steps", "24", "--checkpoint.interval", "4", "--checkpoint.resume", "auto",
+CRASH_ARGS = [*SMALL_MODEL, "--train.steps", "24", "--checkpoint.interval", "4", "--checkpoint.resume", "auto",
               "--train.eval_interval", "0"]
 
 
@@ -137,7 +138,7 @@ def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, u
 
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint(tmp_path, prepared_data):
-    args = ["--train.steps", "6", "--checkpoint.interval", "2", "--checkpoint.keep_last", "3"]
+    args = [*SMALL_MODEL, "--train.steps", "6", "--checkpoint.interval", "2", "--checkpoint.keep_last", "3"]
     first = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *args))
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoints = tmp_path / "tiny" / "checkpoints"
@@ -146,7 +147,7 @@ def test_corrupt_newest_checkpoint(tmp_path, prepared_data):
     with open(shard, "r+b") as f:
         f.truncate(shard.stat().st_size // 2)
 
-    more = ["--train.steps", "8", "--checkpoint.keep_last", "3"]
+    more = [*SMALL_MODEL, "--train.steps", "8", "--checkpoint.keep_last", "3"]
     strict = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *more, "--resume"))
     assert strict.returncode == 2
     assert str(shard) in strict.stderr and len(strict.stderr.strip().splitlines()) == 1, strict.stderr

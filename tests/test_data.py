@@ -133,15 +133,17 @@ def test_prep_cli_error_is_one_line(tmp_path):
     assert result.stderr.strip().splitlines() == [f"data: {tmp_path / 'empty.jsonl'}: empty file"]
 
 
-def _arange_dir(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 2**16, tokenizer: str = "{}") -> Path:
-    """A prepared-data dir by hand whose train tokens are 0, 1, 2, ...: a window's first token names it."""
+def arange_data(root: Path, n_tokens: int, shard_tokens: int, vocab_size: int = 2**16, tokenizer: str = "{}",
+                first: int = 0) -> Path:
+    """A prepared-data dir by hand whose train tokens are first, first + 1, ... (mod vocab_size): a window's first
+    token names it."""
     root.mkdir(parents=True)
     (root / "tokenizer.json").write_text(tokenizer)
     splits = {}
     for split, n in (("train", n_tokens), ("val", n_tokens)):
         shards = []
         for k, start in enumerate(range(0, n, shard_tokens)):
-            tokens = np.arange(start, min(start + shard_tokens, n), dtype=np.uint16)
+            tokens = (np.arange(first + start, first + min(start + shard_tokens, n)) % vocab_size).astype(np.uint16)
             flags = np.full(len(tokens), LOSS, dtype=np.uint8)
             schema = pa.schema([("tokens", pa.uint16()), ("flags", pa.uint8())],
                                metadata={SHARD_TOKENIZER_KEY: file_hash(root / "tokenizer.json")})
@@ -160,7 +162,7 @@ SEQ, WINDOWS = 8, 48  # 48 windows: a whole number of global batches for world s
 
 @pytest.fixture
 def arange_dir(tmp_path):
-    return _arange_dir(tmp_path / "d", SEQ * WINDOWS + 1, shard_tokens=50)  # windows straddle shard ends
+    return arange_data(tmp_path / "d", SEQ * WINDOWS + 1, shard_tokens=50)  # windows straddle shard ends
 
 
 @pytest.mark.parametrize("world", [1, 2, 4])
@@ -233,7 +235,7 @@ def test_loader_errors(tmp_path, arange_dir):
 
 def test_shards_of_another_tokenizer_are_refused(tmp_path, arange_dir):
     check_compatible(arange_dir, 2**16, SEQ, 2, 1)
-    other = _arange_dir(tmp_path / "other", 100, shard_tokens=50, tokenizer='{"another": 1}')
+    other = arange_data(tmp_path / "other", 100, shard_tokens=50, tokenizer='{"another": 1}')
     (arange_dir / "train-00001.arrow").write_bytes((other / "train-00001.arrow").read_bytes())
     with pytest.raises(DataError, match=r"train-00001.arrow: built with tokenizer \w+, but the manifest's is"):
         check_compatible(arange_dir, 2**16, SEQ, 2, 1)

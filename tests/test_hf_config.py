@@ -81,7 +81,8 @@ def test_the_readme_recipes_figures(capsys, directory, world, ep, device_gib, li
 
 @pytest.mark.parametrize("change, message", [
     ({"model_type": "jamba"}, 'model_type = "jamba" is not supported (supported: mixtral, qwen2_moe, qwen3_moe, '
-                              'olmoe, deepseek_v3, kimi_k2, glm4_moe, gpt_oss, minimax_m2)'),
+                              'olmoe, deepseek_v3, kimi_k2, glm4_moe, gpt_oss, minimax_m2, llama, mistral, qwen2, '
+                              'qwen3)'),
     ({"model_type": "qwen3_next"}, 'model_type = "qwen3_next" is not supported yet (hybrid linear attention)'),
     ({"model_type": "deepseek_v32"}, 'model_type = "deepseek_v32" is not supported yet (DeepSeek sparse attention)'),
     ({"hidden_act": "gelu"}, 'hidden_act = "gelu" is not supported (the experts are SwiGLU)'),

@@ -39,9 +39,9 @@ def test_bad_input_is_one_line_on_the_command_line(tmp_path):
 
 def poison_loss(monkeypatch, steps: set[int], poison):
     """Make the training loss return poison(loss) at these training steps (counting training calls only)."""
-    real, calls = moe_dist.train.loss_sum, []
+    real, calls = moe_dist.train.token_losses, []
 
-    def loss_sum(logits, targets):
+    def token_losses(logits, targets):
         loss = real(logits, targets)
         if logits.requires_grad:
             calls.append(1)
@@ -49,7 +49,7 @@ def poison_loss(monkeypatch, steps: set[int], poison):
                 return poison(loss)
         return loss
 
-    monkeypatch.setattr(moe_dist.train, "loss_sum", loss_sum)
+    monkeypatch.setattr(moe_dist.train, "token_losses", token_losses)
 
 
 def nan(loss):

@@ -27,6 +27,7 @@ class Batch(NamedTuple):
     targets: torch.Tensor  # [B, S] int64, IGNORE where the loss does not count
     segments: torch.Tensor | None = None  # [B, S] the document of each token (document masking)
     positions: torch.Tensor | None = None  # [B, S] each token's position within its document
+    source: torch.Tensor | None = None  # [B] the mixture source of each sequence (data.mixture)
 
 
 def _map_shard(path: Path, dtype: str, tokenizer_hash: str) -> list[tuple[np.ndarray, np.ndarray]]:
@@ -165,6 +166,57 @@ def check_compatible(data_dir: Path | str, vocab_size: int, seq_len: int, micro_
                             f"({windows:,} windows): one step reads each of its windows once")
 
 
+class SplitWindows:
+    """One split's windows (first token, length each), read as (tokens, flags) padded to seq_len + 1."""
+
+    def __init__(self, data_dir: Path | str, split: str, seq_len: int, document_mask: bool):
+        self.tokens = TokenShards(data_dir, split)
+        if self.tokens.manifest.get("kind") == "chat" and not document_mask:
+            raise DataError(f"data: {data_dir} holds chats, packed several to a window: set data.document_mask = true "
+                            f"so that they do not attend to each other")
+        self.seq_len = seq_len
+        self.first, self.length = windows_of(self.tokens, seq_len)
+
+    def __len__(self) -> int:
+        return len(self.first)
+
+    def order(self, seed: list[int], shuffle: bool) -> np.ndarray:
+        """The windows in an epoch's order: a permutation seeded by `seed`, or stream order."""
+        return np.random.default_rng(seed).permutation(len(self)) if shuffle else np.arange(len(self))
+
+    def read(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        """Window i's tokens and flags, padded to seq_len + 1 with tokens 0 that start a document and never count."""
+        first, length = int(self.first[i]), int(self.length[i])
+        tokens, flags = self.tokens.read(first, first + length)
+        pad = self.seq_len + 1 - length
+        if pad:
+            tokens = np.concatenate([tokens, np.zeros(pad, tokens.dtype)])
+            flags = np.concatenate([flags, np.full(pad, 0, flags.dtype)])
+            flags[length] = DOC_START
+        return tokens, flags
+
+
+def to_batch(windows: list[tuple[np.ndarray, np.ndarray]], document_mask: bool, restart_positions: bool) -> Batch:
+    """The Batch of `windows` (tokens, flags) of seq_len + 1 each."""
+    # The shards stay uint16/uint32 on disk and in the page cache; only the batch becomes int64.
+    tokens = np.stack([t for t, _ in windows]).astype(np.int64)
+    flags = np.stack([f for _, f in windows])
+    counts = (flags[:, 1:] & LOSS) > 0
+    if document_mask:  # a target that starts a document would be predicted across the boundary
+        counts &= (flags[:, 1:] & DOC_START) == 0
+    targets = np.where(counts, tokens[:, 1:], IGNORE)
+    batch = Batch(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets))
+    if not document_mask:
+        return batch
+    starts = (flags[:, :-1] & DOC_START) > 0
+    segments = np.cumsum(starts, axis=1)
+    positions = None
+    if restart_positions:  # the index since the latest document start (or the window's start)
+        index = np.arange(starts.shape[1])
+        positions = torch.from_numpy(index - np.maximum.accumulate(np.where(starts, index, 0), axis=1))
+    return batch._replace(segments=torch.from_numpy(segments), positions=positions)
+
+
 class DataLoader:
     """Infinite iterator of Batch [micro_batch, seq_len] of one split, for one rank.
 
@@ -179,66 +231,33 @@ class DataLoader:
                  world_size: int = 1, seed: int = 0, document_mask: bool = False, restart_positions: bool = False):
         if not 0 <= rank < world_size:
             raise ValueError(f"data: rank {rank} is outside world_size {world_size}")
-        self.tokens = TokenShards(data_dir, split)
-        if self.tokens.manifest.get("kind") == "chat" and not document_mask:
-            raise DataError(f"data: {data_dir} holds chats, packed several to a window: set data.document_mask = true "
-                            f"so that they do not attend to each other")
-        self.seq_len, self.micro_batch, self.rank, self.seed = seq_len, micro_batch, rank, seed
+        self.windows = SplitWindows(data_dir, split, seq_len, document_mask)
+        self.micro_batch, self.rank, self.seed = micro_batch, rank, seed
         self.document_mask, self.restart_positions = document_mask, restart_positions
         self.global_batch = world_size * micro_batch
-        self.window_first, self.window_length = windows_of(self.tokens, seq_len)
-        self.n_windows = len(self.window_first)
-        _check_global_batch(self.n_windows, len(self.tokens), split, data_dir, seq_len, micro_batch, world_size)
+        self.n_windows = len(self.windows)
+        _check_global_batch(self.n_windows, len(self.windows.tokens), split, data_dir, seq_len, micro_batch,
+                            world_size)
         self.shuffle = split == "train"
         self.epoch = self.position = 0
         self._order_epoch, self._order = -1, np.arange(0)
 
     def _epoch_order(self) -> np.ndarray:
         if self._order_epoch != self.epoch:
-            if self.shuffle:
-                self._order = np.random.default_rng([self.seed, self.epoch]).permutation(self.n_windows)
-            else:
-                self._order = np.arange(self.n_windows)
+            self._order = self.windows.order([self.seed, self.epoch], self.shuffle)
             self._order_epoch = self.epoch
         return self._order
 
     def __iter__(self) -> DataLoader:
         return self
 
-    def _window(self, i: int) -> tuple[np.ndarray, np.ndarray]:
-        """Window i's tokens and flags, padded to seq_len + 1 with tokens 0 that start a document and never count."""
-        first, length = int(self.window_first[i]), int(self.window_length[i])
-        tokens, flags = self.tokens.read(first, first + length)
-        pad = self.seq_len + 1 - length
-        if pad:
-            tokens = np.concatenate([tokens, np.zeros(pad, tokens.dtype)])
-            flags = np.concatenate([flags, np.full(pad, 0, flags.dtype)])
-            flags[length] = DOC_START
-        return tokens, flags
-
     def __next__(self) -> Batch:
         if self.position + self.global_batch > self.n_windows:
             self.epoch, self.position = self.epoch + 1, 0
         first = self.position + self.rank * self.micro_batch
-        windows = [self._window(i) for i in self._epoch_order()[first:first + self.micro_batch].tolist()]
+        windows = [self.windows.read(i) for i in self._epoch_order()[first:first + self.micro_batch].tolist()]
         self.position += self.global_batch
-        # The shards stay uint16/uint32 on disk and in the page cache; only the batch becomes int64.
-        tokens = np.stack([t for t, _ in windows]).astype(np.int64)
-        flags = np.stack([f for _, f in windows])
-        counts = (flags[:, 1:] & LOSS) > 0
-        if self.document_mask:  # a target that starts a document would be predicted across the boundary
-            counts &= (flags[:, 1:] & DOC_START) == 0
-        targets = np.where(counts, tokens[:, 1:], IGNORE)
-        batch = Batch(torch.from_numpy(tokens[:, :-1]), torch.from_numpy(targets))
-        if not self.document_mask:
-            return batch
-        starts = (flags[:, :-1] & DOC_START) > 0
-        segments = np.cumsum(starts, axis=1)
-        positions = None
-        if self.restart_positions:  # the index since the latest document start (or the window's start)
-            index = np.arange(self.seq_len)
-            positions = torch.from_numpy(index - np.maximum.accumulate(np.where(starts, index, 0), axis=1))
-        return batch._replace(segments=torch.from_numpy(segments), positions=positions)
+        return to_batch(windows, self.document_mask, self.restart_positions)
 
     def global_batches(self) -> int:
         """The global batches of one epoch."""
@@ -254,4 +273,7 @@ class DataLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue exactly where the loader that saved `state` would have."""
+        if "mixture" in state:
+            raise DataError("data: the checkpoint holds a mixture's positions (data.mixture), but this run reads one "
+                            "dataset (data.path): resume with the mixture it was trained on")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -1,9 +1,10 @@
-"""Hugging Face config.json <-> moe_dist config, for the MoE families moe_dist expresses exactly (hf/families.py).
+"""Hugging Face config.json <-> moe_dist config, for the families moe_dist expresses exactly (hf/families.py).
 
 Only what maps exactly is accepted: a config.json with a feature the model lacks (another activation, a rope type
 other than default / linear / llama3 / yarn, jitter, dropout) is refused with one line naming the key. Each family's
 routing and attention options become moe_dist's own (model.qk_norm, model.attention, moe.shared_expert_gate, ...),
-so the model code knows nothing about Hugging Face.
+so the model code knows nothing about Hugging Face. A dense source (a dense family, or a moe_dist export without
+experts) gives model.* and moe.num_experts = 0: a run that sets moe.num_experts > 0 upcycles it (hf/upcycle.py).
 """
 
 from __future__ import annotations
@@ -13,23 +14,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 from moe_dist.config import Config, ConfigError, DataConfig, ModelConfig, MoEConfig, load_config
-from moe_dist.hf.families import FAMILIES, MODEL_TYPES, NOT_YET, Family
+from moe_dist.hf.families import FAMILIES, MODEL_TYPES, NOT_YET, DenseFamily, Family
+from moe_dist.hf.upcycle import check_upcycle
 from moe_dist.model.transformer import is_moe_layer
 
 HF_CONFIG = "config.json"
 NATIVE_CONFIG = "config.toml"
 
 
-# config.json key -> moe_dist key, for the keys that mean the same thing in every family.
-COMMON_KEYS = {
+# config.json key -> moe_dist key, for the keys that mean the same thing in every family (dense ones: MODEL_KEYS).
+MODEL_KEYS = {
     "vocab_size": "model.vocab_size", "hidden_size": "model.dim", "num_hidden_layers": "model.n_layers",
     "num_attention_heads": "model.n_heads", "max_position_embeddings": "model.max_seq_len",
-    "rms_norm_eps": "model.norm_eps", "initializer_range": "model.init_std", "num_experts_per_tok": "moe.top_k",
+    "rms_norm_eps": "model.norm_eps", "initializer_range": "model.init_std",
 }
-# What every family is unless its entry or config.json says otherwise, in moe_dist's terms: softmax top-k routing
-# over all experts, no capacity, no selection bias, no z-loss (transformers has none), full causal attention.
-FIXED = {**{f"model.{name}": value for name, value in asdict(ModelConfig()).items()
-            if name not in ("vocab_size", "dim", "n_layers", "n_heads", "max_seq_len", "norm_eps", "init_std")},
+COMMON_KEYS = {**MODEL_KEYS, "num_experts_per_tok": "moe.top_k"}
+# What every family is unless its entry or config.json says otherwise, in moe_dist's terms: full causal attention,
+# and in the MoE families softmax top-k routing over all experts, no capacity, no selection bias, no z-loss
+# (transformers has none).
+FIXED_MODEL = {f"model.{name}": value for name, value in asdict(ModelConfig()).items()
+               if f"model.{name}" not in MODEL_KEYS.values()}
+FIXED = {**FIXED_MODEL,
          **{f"moe.{name}": value for name, value in asdict(MoEConfig()).items()
             if name not in ("top_k", "grouped_mm_backend", "bias_update_rate", "aux_loss_coef")},
          "moe.capacity_factor": 0.0, "moe.aux_free_bias": False, "moe.z_loss_coef": 0.0, "moe.renormalize": False}
@@ -110,7 +115,7 @@ def moe_layer_count(cfg: Config) -> int:
     return sum(is_moe_layer(i, cfg.moe) for i in range(cfg.model.n_layers))
 
 
-def read_hf_config(directory: str | Path) -> tuple[Family, dict, Path]:
+def read_hf_config(directory: str | Path) -> tuple[Family | DenseFamily, dict, Path]:
     """(family, config.json's contents, its path); ConfigError for an unreadable file or another model_type."""
     path = Path(directory) / HF_CONFIG
     try:
@@ -129,7 +134,7 @@ def read_hf_config(directory: str | Path) -> tuple[Family, dict, Path]:
     return MODEL_TYPES[model_type], data, path
 
 
-def _rope_parameters(family: Family, data: dict) -> dict:
+def _rope_parameters(family: Family | DenseFamily, data: dict) -> dict:
     """transformers 5's rope_parameters, or before it rope_scaling and rope_theta, or the family's defaults."""
     given = data.get("rope_parameters") or data.get("rope_scaling")
     params = {"rope_theta": data.get("rope_theta", family.default_rope_theta),
@@ -157,7 +162,7 @@ def _refusal(data: dict, path: Path, key: str, why: str) -> ConfigError:
     return ConfigError(f"config: {path}: {key} = {json.dumps(data.get(key))} is not supported ({why})")
 
 
-def _check_refused(family: Family, data: dict, path: Path, rope: dict) -> None:
+def _check_refused(family: Family | DenseFamily, data: dict, path: Path, rope: dict) -> None:
     """Refuse the features moe_dist lacks, naming the key."""
     def refuse_if(bad: bool, key: str, why: str) -> None:
         if bad:
@@ -167,6 +172,7 @@ def _check_refused(family: Family, data: dict, path: Path, rope: dict) -> None:
         refuse_if(data.get("hidden_act", "silu") != "silu", "hidden_act", "the experts are SwiGLU")
     for key in ("router_jitter_noise", "attention_dropout"):
         refuse_if(data.get(key, 0.0) not in (0, None), key, "moe_dist has no jitter or dropout; set it to 0")
+    refuse_if(bool(data.get("mlp_bias")), "mlp_bias", "moe_dist's MLPs have no biases")
     refuse_if(family.model_type in ("deepseek_v3", "minimax_m2") and bool(data.get("attention_bias")),
               "attention_bias", f"{family.architecture}'s attention has no output bias here")
     refuse_if(family.model_type == "minimax_m2" and data.get("scoring_func", "sigmoid") != "sigmoid", "scoring_func",
@@ -178,7 +184,7 @@ def _check_refused(family: Family, data: dict, path: Path, rope: dict) -> None:
     refuse_if(rope["rope_type"] not in ROPE_KINDS, key, f"rope types: {', '.join(ROPE_KINDS)}")
 
 
-def _rope_values(family: Family, data: dict, rope: dict, head_size: int) -> dict[str, object]:
+def _rope_values(data: dict, rope: dict, head_size: int) -> dict[str, object]:
     kind = rope["rope_type"]
     values = {"model.rope_theta": rope["rope_theta"], "model.rope_scaling": "none" if kind == "default" else kind}
     values.update({ROPE_KEYS[key]: rope[key] for key in ROPE_KINDS[kind] if rope.get(key) is not None})
@@ -192,78 +198,108 @@ def _rope_values(family: Family, data: dict, rope: dict, head_size: int) -> dict
     return values
 
 
-def _window_values(family: Family, data: dict) -> dict[str, object]:
-    """Sliding windows as transformers applies them: every layer (Mixtral, Qwen3-MoE), or the layers layer_types
-    names (gpt-oss, Qwen2-MoE, whose own default alternates below max_window_layers)."""
-    if family.model_type in ("qwen2_moe", "qwen3_moe") and not data.get("use_sliding_window"):
+def _window_values(family: Family | DenseFamily, data: dict) -> dict[str, object]:
+    """Sliding windows as transformers applies them: in the layers the family's window_layers names."""
+    window, layers = data.get("sliding_window") or 0, family.window_layers(data)
+    if not window or layers is None:
         return {}
-    window = data.get("sliding_window") or 0
-    layers = data.get("layer_types")
-    if layers is None and family.model_type == "qwen2_moe":
-        layers = ["sliding_attention" if i % 2 == 0 and i < data.get("max_window_layers", 28) else "full_attention"
-                  for i in range(data["num_hidden_layers"])]
-    if layers is None and family.model_type == "gpt_oss":
-        layers = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(data["num_hidden_layers"])]
-    full = [i for i, kind in enumerate(layers or []) if kind != "sliding_attention"]
-    return {"model.sliding_window": window, "model.full_attention_layers": full} if window else {}
+    return {"model.sliding_window": window,
+            "model.full_attention_layers": [i for i, kind in enumerate(layers) if kind != "sliding_attention"]}
+
+
+def _required(family: Family | DenseFamily) -> list[str]:
+    """The config.json keys that `family` cannot do without."""
+    if isinstance(family, DenseFamily):
+        return [*MODEL_KEYS, *family.required]
+    heads = [] if family.model_type == "olmoe" else ["num_key_value_heads"]  # OLMoE's default: the heads
+    return [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, *family.required, *heads]
 
 
 def hf_values(directory: str | Path) -> dict[str, object]:
-    """Every model.* and moe.* value of the Hugging Face model in `directory`, as moe_dist overrides."""
+    """Every model.* and moe.* value of the Hugging Face model in `directory`, as moe_dist overrides; of a dense
+    model, model.* and moe.num_experts = 0 (what to upcycle it into is the run's to say)."""
     family, data, path = read_hf_config(directory)
     rope = _rope_parameters(family, data)
     _check_kinds(data, path, rope)
-    if data.get(family.num_experts_key) is None and "num_local_experts" in data:  # Qwen3-MoE's alias, which
-        data[family.num_experts_key] = data["num_local_experts"]  # transformers 5 writes for num_experts
-    required = [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, *family.required]
-    required += [] if family.model_type == "olmoe" else ["num_key_value_heads"]  # OLMoE's default: the heads
-    missing = [key for key in required if data.get(key) is None]
+    dense = isinstance(family, DenseFamily)
+    if not dense and data.get(family.num_experts_key) is None and "num_local_experts" in data:  # Qwen3-MoE's
+        data[family.num_experts_key] = data["num_local_experts"]  # alias, which transformers 5 writes
+    missing = [key for key in _required(family) if data.get(key) is None]
     if missing:
         raise ConfigError(f"config: {path}: missing {', '.join(missing)}")
     _check_refused(family, data, path, rope)
-    values = {**FIXED, **{ours: data[key] for key, ours in COMMON_KEYS.items()},
-              "moe.num_experts": data[family.num_experts_key], "moe.expert_hidden": data[family.expert_hidden_key],
+    values = {**(FIXED_MODEL if dense else FIXED), **{ours: data[key] for key, ours in MODEL_KEYS.items()},
               "model.n_kv_heads": data.get("num_key_value_heads") or data["num_attention_heads"],
               "model.tie_embeddings": bool(data.get("tie_word_embeddings", False))}
+    values.update({"moe.num_experts": 0} if dense else {
+        "moe.top_k": data["num_experts_per_tok"], "moe.num_experts": data[family.num_experts_key],
+        "moe.expert_hidden": data[family.expert_hidden_key]})
     head_size = data.get("head_dim") or data["hidden_size"] // data["num_attention_heads"]
     if head_size != data["hidden_size"] // data["num_attention_heads"]:
         values["model.head_dim"] = head_size
-    values.update({**_rope_values(family, data, rope, head_size), **_window_values(family, data),
-                   **family.values(data)})
+    values.update({**_rope_values(data, rope, head_size), **_window_values(family, data), **family.values(data)})
     try:
         shape = load_config(None, {**values, "data.seq_len": 1, "parallel.ep": 1})
     except ConfigError as e:  # a value out of range, named by our key: name the file too
         raise ConfigError(str(e).replace("config: ", f"config: {path}: ", 1)) from None
-    values.setdefault("moe.aux_loss_coef", aux_loss_coef_from_hf(
-        data.get("router_aux_loss_coef") or 0.0, data["num_experts_per_tok"], moe_layer_count(shape)))
+    if not dense:
+        values.setdefault("moe.aux_loss_coef", aux_loss_coef_from_hf(
+            data.get("router_aux_loss_coef") or 0.0, data["num_experts_per_tok"], moe_layer_count(shape)))
     return values
 
 
+def is_dense_source(source: str | Path) -> bool:
+    """A model dir to upcycle: a dense family's config.json, or a moe_dist export without experts."""
+    if is_native_export(source):
+        return load_config(str(Path(source) / NATIVE_CONFIG)).moe.num_experts == 0
+    return isinstance(read_hf_config(source)[0], DenseFamily)
+
+
+def upcycles(cfg: Config) -> bool:
+    """The run starts its experts from train.init_from's dense MLPs."""
+    return bool(cfg.train.init_from) and cfg.moe.num_experts > 0 and is_dense_source(cfg.train.init_from)
+
+
+def _upcycle_checked(cfg: Config, source: str | Path, dense: bool) -> Config:
+    """`cfg`, once the experts it asks of the model in `source` (dense or not; "" for none) can start from it."""
+    if dense and cfg.moe.num_experts:
+        check_upcycle(cfg, str(source))
+    elif cfg.train.upcycle_noise:
+        raise ConfigError(f"config: train.upcycle_noise = {cfg.train.upcycle_noise} applies only to upcycling "
+                          f"(train.init_from a dense model, moe.num_experts > 0)")
+    return cfg
+
+
 def config_from_hf(directory: str | Path, overrides: dict[str, object] | None = None) -> Config:
-    """The moe_dist config of the Hugging Face model in `directory`, then `overrides` (e.g. data.seq_len)."""
+    """The moe_dist config of the Hugging Face model in `directory`, then `overrides` (e.g. data.seq_len; of a
+    dense model, the moe.* values to upcycle it into)."""
     values = hf_values(directory)
     # The default sequence length, or the model's context where that is shorter.
     seq_len = min(DataConfig().seq_len, values["model.max_seq_len"])
-    return load_config(None, {"data.seq_len": seq_len, **values, **(overrides or {})})
+    cfg = load_config(None, {"data.seq_len": seq_len, **values, **(overrides or {})})
+    return _upcycle_checked(cfg, directory, values["moe.num_experts"] == 0)
 
 
 def with_init_from(name: str | None, overrides: dict[str, object]) -> Config:
     """The run's config when train.init_from names a model to start from: the TOML file, then the model and moe
     values of that model (its config.json, or a moe_dist export's config.toml), then the command line's
-    overrides (which win: e.g. moe.capacity_factor)."""
+    overrides (which win: e.g. moe.capacity_factor). A dense model gives moe.num_experts = 0 alone: the command
+    line's moe.num_experts > 0 upcycles it, with the other moe.* values of the TOML file and the command line."""
     init_from = load_config(name, overrides, check=False).train.init_from  # checked with the model's values below
     if not init_from:
-        return load_config(name, overrides)
+        return _upcycle_checked(load_config(name, overrides), "", dense=False)
     if is_native_export(init_from):
         saved = load_config(str(Path(init_from) / NATIVE_CONFIG))
-        values = {f"{section}.{key}": value for section in ("model", "moe")
+        sections = ("model", "moe") if saved.moe.num_experts else ("model",)
+        values = {f"{section}.{key}": value for section in sections
                   for key, value in asdict(getattr(saved, section)).items()}
+        values.setdefault("moe.num_experts", 0)  # a dense export's other moe.* mean nothing
     elif is_hf_dir(init_from):
         values = hf_values(init_from)
     else:
         raise ConfigError(f"config: train.init_from = {init_from!r} is neither a Hugging Face model dir ({HF_CONFIG}) "
                           f"nor a moe_dist export ({NATIVE_CONFIG} and model.safetensors)")
-    return load_config(name, {**values, **overrides})
+    return _upcycle_checked(load_config(name, {**values, **overrides}), init_from, values["moe.num_experts"] == 0)
 
 
 def family_of(cfg: Config) -> Family:

@@ -1,9 +1,10 @@
-"""The Hugging Face MoE families moe_dist expresses exactly: one entry each, side by side.
+"""The Hugging Face families moe_dist expresses exactly: one entry each, side by side.
 
-An entry says how the family's config.json becomes moe_dist values (`values`), which moe_dist values it can
+An MoE entry says how the family's config.json becomes moe_dist values (`values`), which moe_dist values it can
 hold at all (`holds`: what export checks), the family's own config.json keys on export (`config`), and where its
-checkpoint keeps each weight. What every family shares (sizes, rotary, windows, tied embeddings, the aux-loss
-coefficient) is mapped once in hf/config.py.
+checkpoint keeps each weight. A dense entry (Llama, Mistral, Qwen2, Qwen3) is a model to import dense or to upcycle
+into an MoE (hf/upcycle.py); it is never an export target. What every family shares (sizes, rotary, tied embeddings,
+the aux-loss coefficient) is mapped once in hf/config.py.
 """
 
 from __future__ import annotations
@@ -15,6 +16,9 @@ from moe_dist.config import Config
 from moe_dist.model.transformer import is_moe_layer
 
 Check = Callable[[Config], bool]
+# config.json -> the attention kind of each layer as transformers applies it ("sliding_attention" slides when
+# sliding_window is set); None: no layer slides, whatever sliding_window says.
+WindowLayers = Callable[[dict], list[str] | None]
 
 
 def _is(key: str, *allowed: object) -> tuple[str, Check]:
@@ -58,6 +62,26 @@ PLAIN: dict[str, Check] = dict([
 ANY: Check = lambda cfg: True  # noqa: E731
 
 
+def _slides(data: dict, default: Callable[[int], bool]) -> list[str]:
+    """config.json's layer_types, else the family's own default: layer i slides where default(i)."""
+    return data.get("layer_types") or ["sliding_attention" if default(i) else "full_attention"
+                                       for i in range(data["num_hidden_layers"])]
+
+
+def _every_layer(data: dict) -> list[str]:
+    return _slides(data, lambda i: True)
+
+
+def _when_used(layers: WindowLayers) -> WindowLayers:
+    """The Qwen families: no window without use_sliding_window."""
+    return lambda data: layers(data) if data.get("use_sliding_window") else None
+
+
+def _from_max_window_layers(data: dict) -> list[str]:
+    """Qwen2's and Qwen3's default: the layers from max_window_layers on slide."""
+    return _slides(data, lambda i: i >= data.get("max_window_layers", 28))
+
+
 @dataclass(frozen=True)
 class Family:
     """One transformers MoE family."""
@@ -80,6 +104,7 @@ class Family:
     correction_bias: str | None = None  # e_score_correction_bias under the MoE block, if the family has one
     shared: str = "shared_expert"
     interleaved_experts: bool = False  # gpt-oss: gate_up_proj [E, D, 2H], gate and up alternating, with biases
+    window_layers: WindowLayers = _every_layer  # which layers slide, as transformers applies sliding_window
 
     def check(self, cfg: Config) -> tuple[str, Check] | None:
         """The first (key, check) of the family that `cfg` fails; None if the family holds it."""
@@ -168,7 +193,9 @@ FAMILIES_LIST = (
            holds={"model.qkv_bias": ANY, "moe.shared_expert_hidden": lambda cfg: cfg.moe.shared_expert_hidden > 0,
                   "moe.shared_expert_gate": lambda cfg: cfg.moe.shared_expert_gate, "moe.dense_layers": ANY,
                   "model.sliding_window": ANY},
-           required=("intermediate_size", "shared_expert_intermediate_size")),
+           required=("intermediate_size", "shared_expert_intermediate_size"),
+           window_layers=_when_used(lambda data: _slides(data, lambda i: i % 2 == 0
+                                                         and i < data.get("max_window_layers", 28)))),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", 1e4,
            values=lambda data: {**_renormalize(data), **_qwen_dense(data), **_attention_bias(data),
                                 "model.qk_norm": "head"},
@@ -176,7 +203,7 @@ FAMILIES_LIST = (
                                "attention_bias": cfg.model.qkv_bias},
            holds=dict([_is("model.qk_norm", "head"), ("model.qkv_bias", _one_bias), ("model.out_bias", _one_bias),
                        ("moe.dense_layers", ANY), ("model.sliding_window", ANY)]),
-           required=("intermediate_size",)),
+           required=("intermediate_size",), window_layers=_when_used(_every_layer)),
     Family("olmoe", "OlmoeForCausalLM", "num_experts", "intermediate_size", 1e4,
            values=lambda data: {**_renormalize(data), **_attention_bias(data), "model.qk_norm": "full",
                                 "model.clip_qkv": float(data.get("clip_qkv") or 0.0)},
@@ -214,7 +241,7 @@ FAMILIES_LIST = (
                        _is("moe.expert_act", "clamped_swiglu"), ("model.sliding_window", ANY)]),
            default_rope={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 4096},
-           router="router", interleaved_experts=True),
+           router="router", interleaved_experts=True, window_layers=lambda data: _slides(data, lambda i: i % 2 == 0)),
     Family("minimax_m2", "MiniMaxM2ForCausalLM", "num_local_experts", "intermediate_size", 5e6,
            values=lambda data: {**_correction_bias_routing(data, groups=False), "moe.renormalize": True,
                                 "model.qk_norm": "full"},
@@ -224,7 +251,47 @@ FAMILIES_LIST = (
            moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), correction_bias="e_score_correction_bias"),
 )
 FAMILIES = {f.model_type: f for f in FAMILIES_LIST}
-MODEL_TYPES = {name: f for f in FAMILIES_LIST for name in (f.model_type, *f.aliases)}
+
+
+@dataclass(frozen=True)
+class DenseFamily:
+    """One transformers dense family: imported as a dense model, or upcycled into an MoE (hf/upcycle.py)."""
+
+    model_type: str
+    architecture: str
+    default_rope_theta: float  # transformers' value when config.json has none
+    values: Callable[[dict], dict[str, object]]  # config.json -> the family's own model.* values
+    required: tuple[str, ...]  # config.json keys the family cannot do without, beyond the common ones
+    window_layers: WindowLayers = _every_layer  # which layers slide, as transformers applies sliding_window
+    default_rope: dict = field(default_factory=dict)  # transformers' rope_parameters when config.json has none
+    aliases: tuple[str, ...] = ()  # other model_types of the same architecture
+
+
+def _dense_mlp(data: dict) -> dict[str, object]:
+    return {"model.ffn_hidden": data["intermediate_size"]}
+
+
+DENSE_FAMILIES = (
+    # Llama's num_key_value_heads defaults to its heads; attention_bias puts biases on q, k, v and o.
+    DenseFamily("llama", "LlamaForCausalLM", 1e4, values=lambda data: {**_dense_mlp(data), **_attention_bias(data)},
+                required=("intermediate_size",)),
+    # Mistral: no biases, one window in every layer (transformers ignores its layer_types).
+    DenseFamily("mistral", "MistralForCausalLM", 1e4, values=_dense_mlp,
+                required=("intermediate_size", "num_key_value_heads"),
+                window_layers=lambda data: ["sliding_attention"] * data["num_hidden_layers"]),
+    # Qwen2: q, k and v always biased, o never.
+    DenseFamily("qwen2", "Qwen2ForCausalLM", 1e4, values=lambda data: {**_dense_mlp(data), "model.qkv_bias": True},
+                required=("intermediate_size", "num_key_value_heads"),
+                window_layers=_when_used(_from_max_window_layers)),
+    # Qwen3: attention_bias on q, k, v and o, per-head QK-norm, heads of 128 unless head_dim says otherwise.
+    DenseFamily("qwen3", "Qwen3ForCausalLM", 1e4,
+                values=lambda data: {**_dense_mlp(data), **_attention_bias(data), "model.qk_norm": "head",
+                                     "model.head_dim": data.get("head_dim") or 128},
+                required=("intermediate_size", "num_key_value_heads"),
+                window_layers=_when_used(_from_max_window_layers)),
+)
+MODEL_TYPES: dict[str, Family | DenseFamily] = {name: f for f in (*FAMILIES_LIST, *DENSE_FAMILIES)
+                                                for name in (f.model_type, *f.aliases)}
 # Families transformers has and moe_dist does not express yet, and why: refused by model_type.
 NOT_YET = {"qwen3_next": "hybrid linear attention", "qwen3_5_moe": "hybrid linear attention",
            "deepseek_v32": "DeepSeek sparse attention", "kimi_linear": "hybrid linear attention"}

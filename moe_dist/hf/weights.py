@@ -19,9 +19,10 @@ from torch import Tensor
 
 from moe_dist.checkpoint import CheckpointError
 from moe_dist.config import Config
-from moe_dist.hf.config import config_from_hf, is_native_export, read_hf_config
-from moe_dist.hf.families import Family
+from moe_dist.hf.config import config_from_hf, is_native_export, read_hf_config, upcycles
+from moe_dist.hf.families import DenseFamily, Family
 from moe_dist.hf.quantized import fp8_block_size, mxfp4_shape, quantized_tensors, read_fp8, read_mxfp4
+from moe_dist.hf.upcycle import UpcycledWeights, dense_config
 from moe_dist.memory import meta_model
 from moe_dist.model.transformer import Transformer, is_moe_layer
 from moe_dist.parallel.materialize import filled_tensors, materialize
@@ -114,7 +115,7 @@ def _expert_sources(cfg: Config, family: Family, ours: str, hf: str) -> dict[str
     return out
 
 
-def weight_sources(cfg: Config, family: Family) -> dict[str, Source]:
+def weight_sources(cfg: Config, family: Family | DenseFamily) -> dict[str, Source]:
     """moe_dist parameter (and selection-bias buffer) name -> where the family's checkpoint holds it."""
     m, moe = cfg.model, cfg.moe
     out: dict[str, Source] = {"tok_embeddings.weight": Plain("model.embed_tokens.weight"),
@@ -322,24 +323,30 @@ class HFWeights:
                             for j in range(experts.start, experts.stop)])
 
 
-def open_init_weights(cfg: Config) -> HFWeights:
+def open_init_weights(cfg: Config) -> HFWeights | UpcycledWeights:
     """The weights of train.init_from (a Hugging Face model dir, or a moe_dist export under our own names), checked
-    (headers only) against the model `cfg` describes."""
-    shapes = {name: t.shape for name, t in filled_tensors(meta_model(cfg))}
+    (headers only) against the model `cfg` describes, or where that upcycles a dense source, against the dense
+    model it starts from (hf/upcycle.py)."""
+    upcycled = upcycles(cfg)
+    source_cfg = dense_config(cfg) if upcycled else cfg
+    shapes = {name: t.shape for name, t in filled_tensors(meta_model(source_cfg))}
     if is_native_export(cfg.train.init_from):
-        return HFWeights(cfg.train.init_from, {name: Plain(name) for name in shapes}, shapes)
-    family, data, _ = read_hf_config(cfg.train.init_from)
-    # A tied model's checkpoint may still carry lm_head.weight, a copy of the embedding; DeepSeek-V3's and GLM-4.5's
-    # multi-token-prediction layers follow the last layer, and transformers ignores them too.
-    ignored = ("lm_head.weight",) if cfg.model.tie_embeddings else ()
-    n_layers, mtp_layers = cfg.model.n_layers, data.get("num_nextn_predict_layers") or 0
-    ignored += tuple(f"model.layers.{i}." for i in range(n_layers, n_layers + mtp_layers))
-    return HFWeights(cfg.train.init_from, weight_sources(cfg, family), shapes, ignored)
+        weights = HFWeights(cfg.train.init_from, {name: Plain(name) for name in shapes}, shapes)
+    else:
+        family, data, _ = read_hf_config(cfg.train.init_from)
+        # A tied model's checkpoint may still carry lm_head.weight, a copy of the embedding; DeepSeek-V3's and
+        # GLM-4.5's multi-token-prediction layers follow the last layer, and transformers ignores them too.
+        ignored = ("lm_head.weight",) if cfg.model.tie_embeddings else ()
+        n_layers, mtp_layers = cfg.model.n_layers, data.get("num_nextn_predict_layers") or 0
+        ignored += tuple(f"model.layers.{i}." for i in range(n_layers, n_layers + mtp_layers))
+        weights = HFWeights(cfg.train.init_from, weight_sources(source_cfg, family), shapes, ignored)
+    return UpcycledWeights(cfg, weights.read, shapes) if upcycled else weights
 
 
 def import_model(directory: str | Path, overrides: dict[str, object] | None = None) -> tuple[Transformer, Config]:
     """The Hugging Face model in `directory` as one moe_dist Transformer on the CPU, and its config: what
-    generate and export load from a Hugging Face dir, and the single-process model a sharded import equals."""
+    generate and export load from a Hugging Face dir, and the single-process model a sharded import equals (of a
+    dense model with moe.* overrides, upcycled)."""
     cfg = config_from_hf(directory, {**(overrides or {}), "train.init_from": str(directory)})
     model = meta_model(cfg)
     materialize(model, torch.device("cpu"), open_init_weights(cfg).read)
