@@ -9,12 +9,12 @@ from types import ModuleType
 
 import torch.distributed as dist
 
-from benchmarks import (all_to_all, checkpoint_save, import_memory, prep_throughput, routing, startup_memory,
-                        train_step)
+from benchmarks import (all_to_all, checkpoint_save, import_memory, mixture_loader, prep_throughput, routing,
+                        startup_memory, train_step)
 from moe_dist.parallel.mesh import exit_process
 
 BENCHMARKS: tuple[ModuleType, ...] = (routing, all_to_all, train_step, checkpoint_save, startup_memory, import_memory,
-                                      prep_throughput)
+                                      prep_throughput, mixture_loader)
 
 
 def run_all(benchmarks: list[tuple[str, Callable[[list[str] | None], int]]], argv: list[str] | None) -> list[str]:

@@ -74,7 +74,9 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     n, total = args.steps, 2 * args.steps
     runs = RESULTS_DIR / "pretraining-runs"
-    shutil.rmtree(runs, ignore_errors=True)
+    for old in runs.glob("*"):  # the runs of a previous time; the default corpus (_corpus) is kept
+        if old.name != "_corpus":
+            shutil.rmtree(old) if old.is_dir() else old.unlink()
     common = ["--data.micro_batch", str(args.micro_batch), "--train.eval_interval", str(max(total // 12, 1)),
               "--train.eval_steps", "4"]
     tokens_per_step = args.micro_batch * 128  # one process, tiny's data.seq_len
@@ -83,13 +85,16 @@ def main(argv: list[str] | None = None) -> int:
     dense = run(runs, "dense", *common, "--moe.num_experts", "0", "--train.steps", str(n),
                 "--optim.schedule", "constant")
     export.main([str(runs / "dense"), "--out", str(runs / "dense-export")])
+    # The same corpus (the export carries its tokenizer), read in another order than the dense run's.
+    corpus = default_corpus(runs / "_corpus", 4096)
     upcycled = run(runs, "upcycled", *common, "--train.init_from", str(runs / "dense-export"),
-                   "--train.steps", str(total - n), "--optim.warmup_steps", "0")
+                   "--moe.num_experts", "8", "--train.steps", str(total - n), "--data.path", str(corpus),
+                   "--data.seed", "1")
     scratch = run(runs, "scratch", *common, "--train.steps", str(total))
 
     # (b) WSD over the same steps, and a cool-down branched from the middle of its stable phase.
     wsd = run(runs, "wsd", *common, "--train.steps", str(total), "--optim.schedule", "wsd",
-              "--optim.decay_fraction", "0.2", "--checkpoint.interval", str(n // 2))
+              "--optim.decay_fraction", "0.2", "--checkpoint.interval", str(n // 2), "--checkpoint.keep_last", "4")
     # Stable from warmup to step 1.6 n: branched at n with as many decay steps as the full run's (0.4 n).
     branch_at, cool = n, 2 * total // 10
     cooled = run(runs, "wsd-cooldown", *common, "--train.branch_from", str(runs / "wsd" / "checkpoints" /
@@ -97,17 +102,21 @@ def main(argv: list[str] | None = None) -> int:
                  "--train.steps", str(branch_at + cool), "--optim.schedule", "wsd", "--optim.decay_steps", str(cool))
 
     # (c) Two sources, 0.7 / 0.3, sharing the default corpus's tokenizer.
-    corpus = default_corpus(runs.parent / "_corpus", 4096)
-    code = prepare([REPO / "moe_dist"], runs / "code", 4096, corpus / "tokenizer.json", workers=1, val_fraction=0.1)
+    sources = runs / "code.jsonl"
+    sources.write_text("".join(json.dumps({"text": path.read_text()}) + "\n"
+                               for folder in ("moe_dist", "tests") for path in sorted((REPO / folder).rglob("*.py"))))
+    code = prepare([sources], runs / "code", 4096, corpus / "tokenizer.json", workers=1, val_fraction=0.1)
     mixture = run(runs, "mixture", *common, "--data.mixture", f"{corpus}=0.7,{code}=0.3",
                   "--train.steps", str(n // 2), "--metrics.log_interval", "1")
     shares = []
     for r in mixture:
         if r["kind"] == "train" and r["step"] % max(n // 20, 1) == 0:
             taken = {key[7:]: value for key, value in r.items() if key.startswith("tokens/")}
-            shares.append({"step": r["step"], "tokens": taken,
+            weights = dict(zip(taken, (0.7, 0.3)))
+            windows = sum(taken.values()) / 128  # each source's windows, against its weight's share of them all
+            shares.append({"step": r["step"], "tokens": taken, "weights": weights,
                            "shares": {k: v / sum(taken.values()) for k, v in taken.items()},
-                           "weights": {k: w for k, w in zip(taken, (0.7, 0.3))}})
+                           "off_by_windows": max(abs(v / 128 - weights[k] * windows) for k, v in taken.items())})
     repeats = [r for r in mixture if r["kind"] == "data"]
 
     curves = {
@@ -134,9 +143,12 @@ def main(argv: list[str] | None = None) -> int:
             at = dict(points)
             print(f"| {label} | " + " | ".join(f"{at[s]:.4f}" if s in at else "" for s in steps) + " |")
         print()
-    print("| step | " + " | ".join(f"{k} share (weight)" for k in shares[0]["shares"]) + " |")
+    print("| step | " + " | ".join(f"{k} share (weight)" for k in shares[0]["shares"]) +
+          " | worst \\|windows - weight x all windows\\| |\n" + "|---" * (len(shares[0]["shares"]) + 2) + "|")
     for s in shares:
-        print(f"| {s['step']} | " + " | ".join(f"{v:.4f} ({s['weights'][k]})" for k, v in s["shares"].items()) + " |")
+        print(f"| {s['step']} | " + " | ".join(f"{v:.4f} ({s['weights'][k]})" for k, v in s["shares"].items()) +
+              f" | {s['off_by_windows']:.3f} |")
+    print(f"\nrepeats: {[(r['step'], k) for r in repeats for k in r if k.startswith('epoch/')]}")
     print(f"\nfigure: {args.out}")
     return 0
 

@@ -17,6 +17,7 @@ from moe_dist import export, generate, launch, params, train
 from moe_dist.data import prep
 from moe_dist.data.tokenizer import train_tokenizer
 from runs import corrupt_in_place, tree_state, trainer_args
+from test_data import arange_data
 
 
 def exit_code(program: Callable, argv: list[str]) -> int:
@@ -94,6 +95,12 @@ CONFIG_CASES = [
     (["--train.name", ""], "config: train.name = '' must be a plain name"),
     (["--train.name", "-x"], "config: train.name = '-x' must be a plain name"),
     (["--train.name", "_corpus"], "config: train.name = '_corpus' must be a plain name"),
+    (["--data.mixture", "web=3"], "config: data.path and data.mixture exclude each other"),
+    (["--data.path", "", "--data.mixture", "web=0"], "config: data.mixture[0].weight = 0.0 must be finite and > 0"),
+    (["--optim.schedule", "step"], "config: optim.schedule = 'step' is not one of 'cosine', 'wsd', 'linear'"),
+    (["--optim.schedule", "wsd", "--optim.decay_steps", "95"],
+     "config: optim.decay_steps = 95 must fit in train.steps = 100 after optim.warmup_steps = 10"),
+    (["--train.upcycle_noise", "0.1"], "config: train.upcycle_noise = 0.1 applies only to upcycling"),
 ]
 
 
@@ -112,6 +119,14 @@ def test_trainer_config_file(capsys, tmp_path):
     assert_refused(capsys, train.main, ["--config", str(bad)], f"config: {bad}: unknown key 'model.width'", tmp_path)
     bad.write_text("[model\n")
     assert_refused(capsys, train.main, ["--config", str(bad)], f"config: {bad}: ", tmp_path)
+
+
+def test_a_mixture_of_two_tokenizers(capsys, tmp_path, prepared_data):
+    other = arange_data(tmp_path / "other", 30_000, shard_tokens=10_000, vocab_size=512, tokenizer='{"other": 1}')
+    argv = trainer_args(tmp_path / "runs", None, "--model.vocab_size", "512", "--data.mixture",
+                        f"{prepared_data}=1,{other}=1")
+    assert_refused(capsys, train.main, argv, f"data: {other}/manifest.json: tokenized with tokenizer", tmp_path,
+                   prepared_data)
 
 
 def test_world_size_not_matching_the_mesh(capsys, monkeypatch, tmp_path, prepared_data):
