@@ -122,6 +122,10 @@ def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> Config:
             raise CheckpointError(f"checkpoint {checkpoint}: {key} = {_get(saved, key)!r} there, "
                                   f"{_get(cfg, key)!r} in this config; resume with the checkpoint's model "
                                   f"or start a new run (--train.name)")
+    if bool(saved.data.mixture) != bool(cfg.data.mixture):  # the loaders' positions are of different kinds
+        there, here = ("data.mixture", "one dataset") if saved.data.mixture else ("one dataset", "data.mixture")
+        raise CheckpointError(f"checkpoint {checkpoint}: trained on {there} there, {here} in this config: its data "
+                              f"position cannot continue; resume with its data or start a new run (--train.name)")
     return saved
 
 

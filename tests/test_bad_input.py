@@ -298,6 +298,13 @@ def test_resuming_on_data_of_another_tokenizer(capsys, tmp_path, run_copy):
                    f"was tokenized with another tokenizer than {run_dir}/tokenizer.json", tmp_path)
 
 
+def test_resuming_one_dataset_with_a_mixture(capsys, tmp_path, run_copy, prepared_data):
+    runs, run_dir, argv = run_copy
+    assert_refused(capsys, train.main, argv + ["--data.path", "", "--data.mixture", f"{prepared_data}=1", "--resume"],
+                   "trained on one dataset there, data.mixture in this config: its data position cannot continue",
+                   tmp_path, prepared_data)
+
+
 def test_launcher_checks_once_before_torchrun(capsys, tmp_path, prepared_data):
     argv = ["--nproc", "2", *trainer_args(tmp_path / "runs", prepared_data, "--parallel.ep", "1",
                                           "--parallel.dp_shard", "4")]

@@ -273,7 +273,4 @@ class DataLoader:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue exactly where the loader that saved `state` would have."""
-        if "mixture" in state:
-            raise DataError("data: the checkpoint holds a mixture's positions (data.mixture), but this run reads one "
-                            "dataset (data.path): resume with the mixture it was trained on")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])

@@ -13,6 +13,7 @@ with other weights, each source continues from its own position and the shares a
 from __future__ import annotations
 
 import json
+import math
 import zlib
 from pathlib import Path
 
@@ -30,16 +31,21 @@ def next_sources(weights: np.ndarray, taken: np.ndarray, count: int) -> np.ndarr
     of each so far (updated in place)."""
     k = len(weights)
     slack = 1 - 1 / (2 * k - 2) if k > 1 else 0.0
-    out = np.empty(count, dtype=np.int64)
-    for j in range(count):
-        behind = weights * (taken.sum() + 1) - taken
-        # Only a source at least 1 - slack behind may take the window (taking it leaves it at most slack ahead);
-        # of those, the one that would first fall more than slack behind.
-        deadline = np.where(behind >= 1 - slack - 1e-9, (taken + slack) / weights, np.inf)
-        i = int(np.argmin(deadline))
-        taken[i] += 1
-        out[j] = i
-    return out
+    # Python floats, not numpy: a global batch of 1024 windows over a few sources is ten times faster this way.
+    shares, counts, out = weights.tolist(), taken.tolist(), []
+    n = sum(counts)
+    for _ in range(count):
+        n += 1
+        best, earliest = 0, math.inf
+        for i in range(k):
+            # Only a source at least 1 - slack behind may take the window (taking it leaves it at most slack
+            # ahead); of those, the one that would first fall more than slack behind.
+            if shares[i] * n - counts[i] >= 1 - slack - 1e-9 and (counts[i] + slack) / shares[i] < earliest:
+                best, earliest = i, (counts[i] + slack) / shares[i]
+        counts[best] += 1
+        out.append(best)
+    taken[:] = counts
+    return np.array(out, dtype=np.int64)
 
 
 def check_mixture(sources: list[MixtureSource], vocab_size: int, seq_len: int, micro_batch: int,
@@ -125,10 +131,7 @@ class MixtureLoader:
     def load_state_dict(self, state: dict[str, str]) -> bool:
         """Continue every source where the loader that saved `state` left it (a source it did not have starts at
         its beginning). Returns whether the weights are the saved ones; if not, the shares are counted afresh."""
-        if "mixture" not in state:
-            raise DataError("data: the checkpoint holds one dataset's position (data.path), but this run reads "
-                            "data.mixture: resume with the data it was trained on")
-        saved = json.loads(state["mixture"])
+        saved = json.loads(state["mixture"])  # a checkpoint of one dataset is refused at start-up
         for i, name in enumerate(self.names):
             source = saved["sources"].get(name, {"epoch": 0, "position": 0, "taken": 0})
             if source["position"] >= len(self.windows[i]):
