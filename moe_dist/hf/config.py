@@ -168,18 +168,11 @@ def _check_refused(family: Family | DenseFamily, data: dict, path: Path, rope: d
         if bad:
             raise _refusal(data, path, key, why)
 
-    if family.model_type != "gpt_oss":  # whose config.json says silu of an activation it does not use
-        refuse_if(data.get("hidden_act", "silu") != "silu", "hidden_act", "the experts are SwiGLU")
+    for key, refused, why in family.refuses:  # the family's own, the activation first
+        refuse_if(refused(data), key, why)
     for key in ("router_jitter_noise", "attention_dropout"):
         refuse_if(data.get(key, 0.0) not in (0, None), key, "moe_dist has no jitter or dropout; set it to 0")
     refuse_if(bool(data.get("mlp_bias")), "mlp_bias", "moe_dist's MLPs have no biases")
-    refuse_if(family.model_type in ("deepseek_v3", "minimax_m2") and bool(data.get("attention_bias")),
-              "attention_bias", f"{family.architecture}'s attention has no output bias here")
-    refuse_if(family.model_type == "minimax_m2" and data.get("scoring_func", "sigmoid") != "sigmoid", "scoring_func",
-              "MiniMax-M2 scores experts with sigmoid")
-    default_head = data["hidden_size"] // data["num_attention_heads"]
-    refuse_if(family.model_type == "olmoe" and data.get("head_dim") not in (None, default_head), "head_dim",
-              "OLMoE's k_norm is sized by hidden_size / num_attention_heads")
     key = "rope_parameters" if data.get("rope_parameters") else "rope_scaling"  # named by the key that scales
     refuse_if(rope["rope_type"] not in ROPE_KINDS, key, f"rope types: {', '.join(ROPE_KINDS)}")
 
@@ -211,8 +204,7 @@ def _required(family: Family | DenseFamily) -> list[str]:
     """The config.json keys that `family` cannot do without."""
     if isinstance(family, DenseFamily):
         return [*MODEL_KEYS, *family.required]
-    heads = [] if family.model_type == "olmoe" else ["num_key_value_heads"]  # OLMoE's default: the heads
-    return [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, *family.required, *heads]
+    return [*COMMON_KEYS, family.num_experts_key, family.expert_hidden_key, *family.required]
 
 
 def hf_values(directory: str | Path) -> dict[str, object]:
@@ -355,26 +347,8 @@ def _rope_config(cfg: Config, family: Family) -> dict[str, object]:
         if key not in ("mscale", "mscale_all_dim", "attention_factor") or value:  # 0: absent, as transformers has it
             rope[key] = value
     if "model.rotary_dim" in family.holds:  # GLM-4.5 and MiniMax-M2 rotate part of each head
-        rotary = m.rotary_dim or m.head_size
-        rope["partial_rotary_factor"] = rotary / m.head_size
-        return {"rope_parameters": rope, **({"rotary_dim": rotary} if family.model_type == "minimax_m2" else {})}
+        rope["partial_rotary_factor"] = (m.rotary_dim or m.head_size) / m.head_size
     return {"rope_parameters": rope}
-
-
-def _window_config(cfg: Config, family: Family) -> dict[str, object]:
-    m = cfg.model
-    if family.model_type == "mixtral":
-        return {"sliding_window": m.sliding_window or None}
-    if family.model_type == "qwen3_moe":
-        return {"use_sliding_window": bool(m.sliding_window), "sliding_window": m.sliding_window or None}
-    if family.model_type not in ("qwen2_moe", "gpt_oss"):
-        return {}
-    sliding = bool(m.sliding_window)
-    layers = ["sliding_attention" if sliding and i not in m.full_attention_layers else "full_attention"
-              for i in range(m.n_layers)]
-    window = {"sliding_window": m.sliding_window or None, "layer_types": layers}
-    return {**window, "use_sliding_window": sliding, "max_window_layers": m.n_layers} if family.model_type == (
-        "qwen2_moe") else window
 
 
 def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int | None,
@@ -389,5 +363,5 @@ def hf_config(cfg: Config, family: Family, dtype: str, bos: int | None, eos: int
             "router_aux_loss_coef": aux_loss_coef_to_hf(moe.aux_loss_coef, moe.top_k, moe_layer_count(cfg)),
             "hidden_act": "silu", "attention_dropout": 0.0, "tie_word_embeddings": m.tie_embeddings,
             "use_cache": True, "output_router_logits": False, **_rope_config(cfg, family),
-            **_window_config(cfg, family), **family.config(cfg),
+            **family.window_config(cfg), **family.config(cfg),
             **({"bos_token_id": bos, "eos_token_id": eos} if token_ids is None else token_ids)}

@@ -60,6 +60,15 @@ PLAIN: dict[str, Check] = dict([
     ("moe.dense_layers", _all_moe),
 ])
 ANY: Check = lambda cfg: True  # noqa: E731
+# (config.json key, whether config.json's value there is one moe_dist lacks, why): what an entry refuses, beyond the
+# refusals every family shares (hf/config.py).
+Refusal = tuple[str, Callable[[dict], bool], str]
+SWIGLU: Refusal = ("hidden_act", lambda data: data.get("hidden_act", "silu") != "silu", "the experts are SwiGLU")
+
+
+def _no_attention_bias(architecture: str) -> Refusal:
+    return ("attention_bias", lambda data: bool(data.get("attention_bias")),
+            f"{architecture}'s attention has no output bias here")
 
 
 def _slides(data: dict, default: Callable[[int], bool]) -> list[str]:
@@ -82,6 +91,28 @@ def _from_max_window_layers(data: dict) -> list[str]:
     return _slides(data, lambda i: i >= data.get("max_window_layers", 28))
 
 
+def _window_in_every_layer(cfg: Config) -> dict[str, object]:
+    """config.json's sliding window, for a family that slides in every layer (Mixtral)."""
+    return {"sliding_window": cfg.model.sliding_window or None}
+
+
+def _window_when_used(cfg: Config) -> dict[str, object]:
+    return {"use_sliding_window": bool(cfg.model.sliding_window), **_window_in_every_layer(cfg)}
+
+
+def _window_by_layer(cfg: Config) -> dict[str, object]:
+    """The window and layer_types: every layer slides but model.full_attention_layers (gpt-oss)."""
+    m = cfg.model
+    layers = ["sliding_attention" if m.sliding_window and i not in m.full_attention_layers else "full_attention"
+              for i in range(m.n_layers)]
+    return {**_window_in_every_layer(cfg), "layer_types": layers}
+
+
+def _qwen2_window(cfg: Config) -> dict[str, object]:
+    return {**_window_by_layer(cfg), "use_sliding_window": bool(cfg.model.sliding_window),
+            "max_window_layers": cfg.model.n_layers}
+
+
 @dataclass(frozen=True)
 class Family:
     """One transformers MoE family."""
@@ -94,7 +125,9 @@ class Family:
     values: Callable[[dict], dict[str, object]]  # config.json -> the family's own moe_dist values
     config: Callable[[Config], dict[str, object]]  # moe_dist config -> the family's own config.json keys
     holds: dict[str, Check]  # moe_dist key -> whether the family can hold the config's value (beyond PLAIN)
-    required: tuple[str, ...] = ()  # config.json keys the family cannot do without, beyond the common ones
+    # config.json keys the family cannot do without, beyond the common ones (num_key_value_heads: all but OLMoE's,
+    # whose default is the heads)
+    required: tuple[str, ...] = ()
     default_rope: dict = field(default_factory=dict)  # transformers' rope_parameters when config.json has none
     aliases: tuple[str, ...] = ()  # other model_types of the same architecture (Kimi K2's kimi_k2)
     # Where its checkpoint keeps the MoE weights, under model.layers.<i>.
@@ -105,6 +138,8 @@ class Family:
     shared: str = "shared_expert"
     interleaved_experts: bool = False  # gpt-oss: gate_up_proj [E, D, 2H], gate and up alternating, with biases
     window_layers: WindowLayers = _every_layer  # which layers slide, as transformers applies sliding_window
+    refuses: tuple[Refusal, ...] = (SWIGLU,)
+    window_config: Callable[[Config], dict[str, object]] = lambda cfg: {}  # config.json's window keys on export
 
     def check(self, cfg: Config) -> tuple[str, Check] | None:
         """The first (key, check) of the family that `cfg` fails; None if the family holds it."""
@@ -182,7 +217,8 @@ FAMILIES_LIST = (
            values=lambda data: {"moe.renormalize": True},
            config=lambda cfg: {"router_jitter_noise": 0.0},
            holds=dict([_is("moe.renormalize", True), ("model.sliding_window", ANY)]),
-           moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2")),
+           moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), window_config=_window_in_every_layer,
+           required=("num_key_value_heads",)),
     Family("qwen2_moe", "Qwen2MoeForCausalLM", "num_experts", "moe_intermediate_size", 1e4,
            values=lambda data: {**_renormalize(data), **_qwen_dense(data),
                                 "model.qkv_bias": bool(data.get("qkv_bias", True)), "moe.shared_expert_gate": True,
@@ -193,9 +229,10 @@ FAMILIES_LIST = (
            holds={"model.qkv_bias": ANY, "moe.shared_expert_hidden": lambda cfg: cfg.moe.shared_expert_hidden > 0,
                   "moe.shared_expert_gate": lambda cfg: cfg.moe.shared_expert_gate, "moe.dense_layers": ANY,
                   "model.sliding_window": ANY},
-           required=("intermediate_size", "shared_expert_intermediate_size"),
+           required=("intermediate_size", "shared_expert_intermediate_size", "num_key_value_heads"),
            window_layers=_when_used(lambda data: _slides(data, lambda i: i % 2 == 0
-                                                         and i < data.get("max_window_layers", 28)))),
+                                                         and i < data.get("max_window_layers", 28))),
+           window_config=_qwen2_window),
     Family("qwen3_moe", "Qwen3MoeForCausalLM", "num_experts", "moe_intermediate_size", 1e4,
            values=lambda data: {**_renormalize(data), **_qwen_dense(data), **_attention_bias(data),
                                 "model.qk_norm": "head"},
@@ -203,7 +240,8 @@ FAMILIES_LIST = (
                                "attention_bias": cfg.model.qkv_bias},
            holds=dict([_is("model.qk_norm", "head"), ("model.qkv_bias", _one_bias), ("model.out_bias", _one_bias),
                        ("moe.dense_layers", ANY), ("model.sliding_window", ANY)]),
-           required=("intermediate_size",), window_layers=_when_used(_every_layer)),
+           required=("intermediate_size", "num_key_value_heads"), window_layers=_when_used(_every_layer),
+           window_config=_window_when_used),
     Family("olmoe", "OlmoeForCausalLM", "num_experts", "intermediate_size", 1e4,
            values=lambda data: {**_renormalize(data), **_attention_bias(data), "model.qk_norm": "full",
                                 "model.clip_qkv": float(data.get("clip_qkv") or 0.0)},
@@ -211,13 +249,18 @@ FAMILIES_LIST = (
                                "clip_qkv": cfg.model.clip_qkv or None},
            holds=dict([_is("model.qk_norm", "full"), ("model.qkv_bias", _one_bias), ("model.out_bias", _one_bias),
                        ("model.clip_qkv", ANY),
-                       ("model.head_dim", lambda cfg: cfg.model.head_size == cfg.model.dim // cfg.model.n_heads)])),
+                       ("model.head_dim", lambda cfg: cfg.model.head_size == cfg.model.dim // cfg.model.n_heads)]),
+           refuses=(SWIGLU, ("head_dim", lambda data: data.get("head_dim") not in (
+               None, data["hidden_size"] // data["num_attention_heads"]),
+               "OLMoE's k_norm is sized by hidden_size / num_attention_heads"))),
     Family("deepseek_v3", "DeepseekV3ForCausalLM", "n_routed_experts", "moe_intermediate_size", 1e4,
            values=lambda data: {**_mla(data), **_correction_bias_routing(data), **_deepseek_moe(data, 3)},
            config=lambda cfg: {**_mla_config(cfg), **_deepseek_moe_config(cfg)},
            holds={**DEEPSEEK_MOE, **dict([_is("model.attention", "mla"), ("model.rope_interleave", ANY)])},
-           required=("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim"),
-           aliases=("kimi_k2",), correction_bias="gate.e_score_correction_bias", shared="shared_experts"),
+           required=("intermediate_size", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim",
+                     "num_key_value_heads"),
+           aliases=("kimi_k2",), correction_bias="gate.e_score_correction_bias", shared="shared_experts",
+           refuses=(SWIGLU, _no_attention_bias("DeepseekV3ForCausalLM"))),
     Family("glm4_moe", "Glm4MoeForCausalLM", "n_routed_experts", "moe_intermediate_size", 1e4,
            values=lambda data: {**_correction_bias_routing(data), **_deepseek_moe(data, 1),
                                 "model.qkv_bias": bool(data.get("attention_bias", False)),
@@ -226,7 +269,7 @@ FAMILIES_LIST = (
                                "use_qk_norm": cfg.model.qk_norm == "head"},
            holds={**DEEPSEEK_MOE, **dict([_is("model.qk_norm", "none", "head"), ("model.qkv_bias", ANY),
                                           ("model.rotary_dim", ANY)])},
-           required=("intermediate_size",), default_rope={"partial_rotary_factor": 0.5},
+           required=("intermediate_size", "num_key_value_heads"), default_rope={"partial_rotary_factor": 0.5},
            correction_bias="gate.e_score_correction_bias", shared="shared_experts"),
     Family("gpt_oss", "GptOssForCausalLM", "num_local_experts", "intermediate_size", 150000.0,
            values=lambda data: {**_attention_bias(data, True), "model.attention_sinks": True,
@@ -241,14 +284,19 @@ FAMILIES_LIST = (
                        _is("moe.expert_act", "clamped_swiglu"), ("model.sliding_window", ANY)]),
            default_rope={"rope_type": "yarn", "factor": 32.0, "beta_fast": 32.0, "beta_slow": 1.0, "truncate": False,
                          "original_max_position_embeddings": 4096},
-           router="router", interleaved_experts=True, window_layers=lambda data: _slides(data, lambda i: i % 2 == 0)),
+           router="router", interleaved_experts=True, window_layers=lambda data: _slides(data, lambda i: i % 2 == 0),
+           window_config=_window_by_layer, required=("num_key_value_heads",),
+           refuses=()),  # its config.json's hidden_act names an activation it lacks
     Family("minimax_m2", "MiniMaxM2ForCausalLM", "num_local_experts", "intermediate_size", 5e6,
            values=lambda data: {**_correction_bias_routing(data, groups=False), "moe.renormalize": True,
                                 "model.qk_norm": "full"},
-           config=lambda cfg: {"router_jitter_noise": 0.0},
+           config=lambda cfg: {"router_jitter_noise": 0.0, "rotary_dim": cfg.model.rotary_dim or cfg.model.head_size},
            holds={**SIGMOID_WITH_BIAS, **dict([_is("model.qk_norm", "full"), _is("moe.renormalize", True),
                                                _is("moe.routed_scaling_factor", 1.0), ("model.rotary_dim", ANY)])},
-           moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), correction_bias="e_score_correction_bias"),
+           moe_block="block_sparse_moe", expert_names=("w1", "w3", "w2"), correction_bias="e_score_correction_bias",
+           required=("num_key_value_heads",), refuses=(SWIGLU, _no_attention_bias("MiniMaxM2ForCausalLM"),
+                    ("scoring_func", lambda data: data.get("scoring_func", "sigmoid") != "sigmoid",
+                     "MiniMax-M2 scores experts with sigmoid"))),
 )
 FAMILIES = {f.model_type: f for f in FAMILIES_LIST}
 
@@ -265,6 +313,7 @@ class DenseFamily:
     window_layers: WindowLayers = _every_layer  # which layers slide, as transformers applies sliding_window
     default_rope: dict = field(default_factory=dict)  # transformers' rope_parameters when config.json has none
     aliases: tuple[str, ...] = ()  # other model_types of the same architecture
+    refuses: tuple[Refusal, ...] = (SWIGLU,)
 
 
 def _dense_mlp(data: dict) -> dict[str, object]:
