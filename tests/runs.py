@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import subprocess
@@ -53,6 +55,17 @@ def local_sh(*args: str, **popen) -> subprocess.Popen:
 def run_trainer(cmd: list[str], timeout: float = 600) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def train_in_process(argv: list[str]) -> subprocess.CompletedProcess:
+    """moe_dist.train's main in this process, as run_trainer runs it in another (without the interpreter's start):
+    its exit code, stdout and stderr."""
+    from moe_dist import train
+
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = train.main(argv)
+    return subprocess.CompletedProcess(["moe_dist.train", *argv], code, out.getvalue(), err.getvalue())
 
 
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:

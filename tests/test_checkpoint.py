@@ -14,19 +14,19 @@ from moe_dist.config import to_toml
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
-from runs import (SMALL_MODEL, checkpoint_weights, run_trainer, start_trainer, train_losses, trainer_args,
-                  trainer_command, wait_for)
+from runs import (SMALL_MODEL, checkpoint_weights, run_trainer, start_trainer, train_in_process, train_losses,
+                  trainer_args, trainer_command, wait_for)
 
 
 def test_resume_is_bit_exact(tmp_path, prepared_data):
     common = [*SMALL_MODEL, "--checkpoint.interval", "10", "--checkpoint.keep_last", "5"]
-    straight = run_trainer(trainer_command() + trainer_args(tmp_path / "a", prepared_data, "--train.steps", "20",
+    straight = train_in_process(trainer_args(tmp_path / "a", prepared_data, "--train.steps", "20",
                                                            *common))
     assert straight.returncode == 0, straight.stderr[-2000:]
-    first = run_trainer(trainer_command() + trainer_args(tmp_path / "b", prepared_data, "--train.steps", "20",
+    first = train_in_process(trainer_args(tmp_path / "b", prepared_data, "--train.steps", "20",
                                                         "--train.stop_after", "10", *common))
     assert first.returncode == 0, first.stderr[-2000:]
-    resumed = run_trainer(trainer_command() + trainer_args(tmp_path / "b", prepared_data, "--train.steps", "20",
+    resumed = train_in_process(trainer_args(tmp_path / "b", prepared_data, "--train.steps", "20",
                                                           "--resume", *common))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "resuming from" in resumed.stdout and "step-10" in resumed.stdout
@@ -139,7 +139,7 @@ def test_sigkill_a_rank_restarts_from_last_checkpoint(tmp_path, prepared_data, u
 @pytest.mark.slow
 def test_corrupt_newest_checkpoint(tmp_path, prepared_data):
     args = [*SMALL_MODEL, "--train.steps", "6", "--checkpoint.interval", "2", "--checkpoint.keep_last", "3"]
-    first = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *args))
+    first = train_in_process(trainer_args(tmp_path, prepared_data, *args))
     assert first.returncode == 0, first.stderr[-2000:]
     checkpoints = tmp_path / "tiny" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-2", "step-4", "step-6"]
@@ -148,18 +148,18 @@ def test_corrupt_newest_checkpoint(tmp_path, prepared_data):
         f.truncate(shard.stat().st_size // 2)
 
     more = [*SMALL_MODEL, "--train.steps", "8", "--checkpoint.keep_last", "3"]
-    strict = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *more, "--resume"))
+    strict = train_in_process(trainer_args(tmp_path, prepared_data, *more, "--resume"))
     assert strict.returncode == 2
     assert str(shard) in strict.stderr and len(strict.stderr.strip().splitlines()) == 1, strict.stderr
 
-    auto = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *more, "--checkpoint.resume", "auto"))
+    auto = train_in_process(trainer_args(tmp_path, prepared_data, *more, "--checkpoint.resume", "auto"))
     assert auto.returncode == 0, auto.stderr[-2000:]
     assert str(shard) in auto.stdout and "falling back" in auto.stdout
     assert "resuming from" in auto.stdout and "checkpoints/step-4\n" in auto.stdout
 
     shard.unlink()
     (checkpoints / "step-8" / "COMPLETE").unlink()  # as if killed before it was finished
-    deleted = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *more, "--resume"))
+    deleted = train_in_process(trainer_args(tmp_path, prepared_data, *more, "--resume"))
     assert deleted.returncode == 2 and "incomplete" in deleted.stderr
 
 
@@ -167,7 +167,7 @@ def test_corrupt_newest_checkpoint(tmp_path, prepared_data):
 def test_async_save_and_keep_last(tmp_path, prepared_data):
     args = ["--train.steps", "10", "--checkpoint.interval", "2", "--checkpoint.keep_last", "2",
             "--checkpoint.async_save", "true"]
-    result = run_trainer(trainer_command() + trainer_args(tmp_path, prepared_data, *args))
+    result = train_in_process(trainer_args(tmp_path, prepared_data, *args))
     assert result.returncode == 0, result.stderr[-2000:]
     checkpoints = tmp_path / "tiny" / "checkpoints"
     assert sorted(p.name for p in checkpoints.glob("step-*")) == ["step-10", "step-8"]

@@ -13,7 +13,7 @@ from moe_dist import train
 from moe_dist.config import CHOICES, ConfigError, OptimConfig, load_config, parse_args
 from moe_dist.optim import DECAY_SHAPES, SCHEDULES, build_scheduler, lr_factor, resume_schedule
 from moe_dist.startup import check_run, schedule_change
-from runs import SMALL_MODEL, corrupt_in_place, read_metrics, run_trainer, tree_state, trainer_args, trainer_command
+from runs import SMALL_MODEL, corrupt_in_place, read_metrics, train_in_process, tree_state, trainer_args
 
 
 def old_cosine(step: int, cfg: OptimConfig, total_steps: int) -> float:
@@ -132,7 +132,7 @@ WSD = ["--optim.schedule", "wsd", "--optim.warmup_steps", "2", "--optim.decay_st
 
 def trainer(runs: Path, data: Path, *args: str) -> str:
     """Run the trainer to the end; its stdout and stderr."""
-    result = run_trainer(trainer_command() + trainer_args(runs, data, *WSD, *args))
+    result = train_in_process(trainer_args(runs, data, *WSD, *args))
     assert result.returncode == 0, result.stderr[-3000:]
     return result.stdout + result.stderr
 
