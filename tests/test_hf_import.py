@@ -29,7 +29,7 @@ from moe_dist.model import Transformer
 from moe_dist.parallel.materialize import filled_tensors, materialize, plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
-from runs import run_trainer, trainer_args, trainer_command
+from runs import run_trainer, train_in_process, trainer_args, trainer_command
 
 SEQ_LEN = 16
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
@@ -219,7 +219,7 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     # Resuming (here in one process) continues from the run's checkpoint: the checkpoint's weights are not read.
     for shard in source.glob("*.safetensors"):
         shard.rename(shard.with_suffix(".moved"))
-    result = run_trainer(trainer_command(1) + trainer_args(
+    result = train_in_process(trainer_args(
         tmp_path / "runs", None, "--train.init_from", str(source), "--data.path", str(tmp_path / "data"),
         "--parallel.ep", "1", "--train.steps", "4", "--train.name", "q3", "--data.seq_len", str(SEQ_LEN),
         "--data.micro_batch", "4", "--optim.lr", "1e-2", "--resume"))
