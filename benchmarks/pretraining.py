@@ -77,8 +77,10 @@ def main(argv: list[str] | None = None) -> int:
     n, total = args.steps, 2 * args.steps
     runs = RESULTS_DIR / "pretraining-runs"
     for old in runs.glob("*"):  # the runs of a previous time; the default corpus (_corpus) is kept
-        if old.name != "_corpus":
-            shutil.rmtree(old) if old.is_dir() else old.unlink()
+        if old.is_dir() and old.name != "_corpus":
+            shutil.rmtree(old)
+        elif old.is_file():
+            old.unlink()
     common = ["--data.micro_batch", str(args.micro_batch), "--train.eval_interval", str(max(total // 12, 1)),
               "--train.eval_steps", "4"]
     tokens_per_step = args.micro_batch * 128  # one process, tiny's data.seq_len
