@@ -155,6 +155,9 @@ class DataConfig:
 
 @dataclass
 class OptimConfig:
+    # adamw: AdamW on every parameter. muon: Muon on the blocks' hidden matrices (each expert's separately), its
+    # update scaled to AdamW's RMS so that lr and weight_decay carry over; AdamW, as configured here, on the rest.
+    name: str = "adamw"  # adamw | muon
     lr: float = num(3e-3, "(0, 1]")  # AdamW's step is about lr per weight: beyond 1 is a typo, not a setting
     min_lr_ratio: float = num(0.1, "[0, 1]")
     warmup_steps: int = num(10, "[0, inf)")
@@ -163,6 +166,8 @@ class OptimConfig:
     beta2: float = num(0.95, "[0, 1)")
     eps: float = num(1e-8, "(0, inf)")
     grad_clip: float = num(1.0, "[0, inf)")  # 0 = off
+    momentum: float = num(0.95, "[0, 1)")  # Muon's (Nesterov) momentum
+    ns_steps: int = num(5, "[1, 99]")  # Muon's Newton-Schulz iterations
     # After the warmup: cosine or linear to min_lr_ratio at train.steps; constant at 1; wsd (warmup-stable-decay)
     # at 1, then decay_shape down to min_lr_ratio over the last decay_steps (0 = decay_fraction of train.steps).
     schedule: str = "cosine"  # cosine | wsd | linear | constant
@@ -234,6 +239,7 @@ CHOICES = {
     "moe.grouped_mm_backend": ("auto", "grouped_mm", "padded", "loop"),
     "parallel.param_dtype": ("auto", "float32", "bfloat16"),
     "parallel.reduce_dtype": ("float32", "bfloat16"),
+    "optim.name": ("adamw", "muon"),
     "optim.schedule": ("cosine", "wsd", "linear", "constant"),
     "optim.decay_shape": ("linear", "cosine", "1-sqrt"),
     "train.device": ("auto", "cpu", "cuda"),

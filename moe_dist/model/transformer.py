@@ -15,7 +15,7 @@ from moe_dist.config import ModelConfig, MoEConfig
 from moe_dist.model.attention import Attention
 from moe_dist.model.masks import AttentionMask
 from moe_dist.model.mla import MLA
-from moe_dist.model.moe import FeedForward, MoE, MoEStats
+from moe_dist.model.moe import FeedForward, GroupedExperts, MoE, MoEStats, moe_layers
 from moe_dist.model.rotary import rotary_tables
 
 
@@ -163,3 +163,19 @@ class Transformer(nn.Module):
             return logits, aux_loss, None
         return logits, aux_loss, Routing(torch.stack([s.counts for s in moe_stats]),
                                          torch.stack([s.dropped for s in moe_stats]))
+
+
+def hidden_matrices(model: Transformer) -> list[nn.Parameter]:
+    """The weights that map one hidden representation to another inside the blocks, which Muon orthogonalises:
+    every projection of attention and of the dense and shared FFNs, and the expert stacks (an [E, a, b] stack is E
+    matrices). Not the router, whose rows score experts against each other, nor the shared expert's gate (one value
+    per token); not the embeddings, head, norms, biases or sinks either."""
+    not_hidden = {id(p) for m in moe_layers(model) for gate in (m.router, m.shared_expert_gate) if gate is not None
+                  for p in gate.parameters()}
+    matrices = []
+    for module in model.layers.modules():
+        if isinstance(module, nn.Linear):
+            matrices.append(module.weight)
+        elif isinstance(module, GroupedExperts):
+            matrices += [module.w1, module.w3, module.w2]
+    return [p for p in matrices if id(p) not in not_hidden and p.requires_grad]

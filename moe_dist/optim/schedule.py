@@ -1,4 +1,4 @@
-"""AdamW with decoupled weight decay on matrices only, and the learning-rate schedules (optim.schedule)."""
+"""The learning-rate schedules (optim.schedule): warmup, then cosine, WSD, linear or constant."""
 
 from __future__ import annotations
 
@@ -6,20 +6,8 @@ import math
 from collections.abc import Callable
 
 import torch
-from torch import nn
 
 from moe_dist.config import OptimConfig
-
-
-def build_optimizer(model: nn.Module, cfg: OptimConfig, device: torch.device) -> torch.optim.AdamW:
-    """Weight decay on weight matrices and expert tensors; none on norms."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps,
-                             fused=device.type == "cuda")
 
 
 # optim.decay_shape: the fraction of the way from min_lr_ratio to 1 still left, at progress p in [0, 1] of a decay.

@@ -1,0 +1,124 @@
+"""Muon: every weight after 5 steps at world 2 and 4 (FSDP2, EP, experts cut on any dim) equals one process that
+applies torch.optim.Muon matrix by matrix and torch.optim.AdamW to the rest; the plan's balance and bytes."""
+
+import pytest
+import torch
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import Shard, distribute_tensor
+
+from distributed import run_on_ranks
+from equivalence import (assert_layout, assert_runs_match, full_parameters, global_batches, relative_error,
+                         small_config, split)
+from moe_dist.config import Config
+from moe_dist.model import Transformer, hidden_matrices
+from moe_dist.optim import build_optimizer, build_scheduler, lr_factor
+from moe_dist.optim.adamw import adamw_groups
+from moe_dist.optim.muon import LR_SCALING, MuonWithAdamW
+from moe_dist.optim.muon_plan import MuonPlan, newton_schulz_flops
+from moe_dist.parallel.materialize import plain_name
+from moe_dist.parallel.mesh import Runtime, build_mesh
+from moe_dist.train import build_model, train_step
+
+STEPS = 5
+
+
+class TorchMuon:
+    """The reference optimizer and its schedule: torch.optim.Muon on each hidden matrix as a 2-D tensor of its own
+    (an [E, a, b] stack as E of them), torch.optim.AdamW on the rest, the lr set from lr_factor every step.
+
+    Newton-Schulz runs in bf16 (torch's), so a gradient element 1e-7 away from the distributed run's that rounds to
+    the other bf16 value changes the whole update by about 1e-2 (measured here: 3 of 27 matrices differ by 4e-3
+    after one step at world 2, none at world 1, where the gradients are bitwise equal). So with `gradients` (the
+    distributed run's, per step) it checks its own gradients against them (rel 1e-5) and then steps with them: the
+    weights then compare the optimizers alone."""
+
+    def __init__(self, model: Transformer, cfg: Config, gradients: list[dict] | None = None):
+        self.model, self.cfg, self.gradients, self.step_count = model, cfg, gradients, 0
+        self.stacks = hidden_matrices(model)
+        self.matrices = [[torch.nn.Parameter(m.detach().clone()) for m in (p.unsqueeze(0) if p.dim() == 2 else p)]
+                         for p in self.stacks]
+        o = cfg.optim
+        self.muon = torch.optim.Muon([m for ms in self.matrices for m in ms], lr=o.lr, weight_decay=o.weight_decay,
+                                     momentum=o.momentum, nesterov=True, ns_steps=o.ns_steps, adjust_lr_fn=LR_SCALING)
+        chosen = {id(p) for p in self.stacks}
+        rest = [p for p in model.parameters() if id(p) not in chosen]
+        self.adamw = torch.optim.AdamW(adamw_groups(rest, o), lr=o.lr, betas=(o.beta1, o.beta2), eps=o.eps)
+        self._set_lr()
+
+    @torch.no_grad()
+    def step(self):
+        if self.gradients is not None:
+            for name, p in self.model.named_parameters():
+                theirs = self.gradients[self.step_count][name]
+                assert relative_error(theirs, p.grad) <= 1e-5, (self.step_count, name)
+                p.grad.copy_(theirs)
+        for stack, matrices in zip(self.stacks, self.matrices):
+            for i, m in enumerate(matrices):
+                m.grad = (stack.grad if stack.dim() == 2 else stack.grad[i]).clone()
+        self.muon.step()
+        for stack, matrices in zip(self.stacks, self.matrices):
+            stack.copy_(torch.stack(matrices).view_as(stack))
+        self.adamw.step()
+
+    def zero_grad(self, set_to_none: bool = True):
+        self.adamw.zero_grad(set_to_none)
+        for stack in self.stacks:
+            stack.grad = None
+
+    def _set_lr(self):
+        lr = self.cfg.optim.lr * lr_factor(self.step_count, self.cfg.optim, self.cfg.train.steps)
+        for group in self.muon.param_groups + self.adamw.param_groups:
+            group["lr"] = lr
+
+    def scheduler_step(self):
+        self.step_count += 1
+        self._set_lr()
+
+
+def reference_run(cfg: Config, batches: torch.Tensor, gradients: list[dict]) -> tuple[list, dict]:
+    model = Transformer(cfg.model, cfg.moe, seed=cfg.train.seed)
+    optimizer = TorchMuon(model, cfg, gradients)
+    scheduler = type("Schedule", (), {"step": lambda self: optimizer.scheduler_step()})()
+    results = [train_step(model, optimizer, scheduler, [split(b) for b in step], cfg.optim.grad_clip)
+               for step in batches]
+    return results, full_parameters(model)
+
+
+def muon_config(experts: int, ep: int) -> Config:
+    return small_config(**{"optim.name": "muon", "moe.num_experts": str(experts), "parallel.ep": str(ep),
+                           "train.steps": str(STEPS), "optim.lr": "2e-2"})
+
+
+def distributed_run(rank: int, world_size: int, cfg: Config, batches: torch.Tensor) -> tuple[list, list, dict]:
+    """Per-step results, the whole gradients each step's optimizer took, and the final weights."""
+    mesh = build_mesh(cfg, world_size, "cpu")
+    model = build_model(cfg, mesh, Runtime(rank, world_size, rank, torch.device("cpu")))
+    assert_layout(model, mesh["ep"].size())
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    gradients = []
+    optimizer.register_step_pre_hook(lambda *_: gradients.append(
+        {plain_name(n): p.grad.full_tensor() for n, p in model.named_parameters()}))
+    scheduler = build_scheduler(optimizer, cfg.optim, cfg.train.steps)
+    per_rank = batches.shape[2] // world_size
+    results = [train_step(model, optimizer, scheduler, [split(b[rank * per_rank:(rank + 1) * per_rank]) for b in step],
+                          cfg.optim.grad_clip) for step in batches]
+    return results, gradients, full_parameters(model)
+
+
+def layouts_worker(rank, world_size, layouts, batches):
+    return [distributed_run(rank, world_size, muon_config(experts, ep), batches) for experts, ep in layouts]
+
+
+# (experts, ep) per world size. FSDP cuts the local experts on dim 0 when they divide over the dp_shard ranks, else on
+# the last dim (expert_shard_dim): 3 experts over 2 ranks and 3 local experts (6 over ep 2) over 2 are cut on dim 2.
+LAYOUTS = {2: [(3, 1), (4, 2)], 4: [(6, 2), (4, 4)]}
+
+
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_five_steps_equal_torch_muon_matrix_by_matrix(world_size):
+    batches = global_batches(muon_config(4, 1), STEPS, world_size)
+    per_layout = run_on_ranks(layouts_worker, world_size, LAYOUTS[world_size], batches)
+    for i, (experts, ep) in enumerate(LAYOUTS[world_size]):
+        runs = [layouts[i] for layouts in per_layout]
+        expected = reference_run(muon_config(experts, ep), batches, gradients=runs[0][1])
+        assert_runs_match([(results, weights) for results, _, weights in runs], expected, rtol=1e-5)
