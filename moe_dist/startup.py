@@ -126,6 +126,11 @@ def check_checkpoint_compatible(checkpoint: Path, cfg: Config) -> Config:
         there, here = ("data.mixture", "one dataset") if saved.data.mixture else ("one dataset", "data.mixture")
         raise CheckpointError(f"checkpoint {checkpoint}: trained on {there} there, {here} in this config: its data "
                               f"position cannot continue; resume with its data or start a new run (--train.name)")
+    if saved.optim.name != cfg.optim.name:  # AdamW's two moments per parameter, or Muon's momentum and AdamW's
+        raise CheckpointError(f"checkpoint {checkpoint}: optim.name = {saved.optim.name!r} there, "
+                              f"{cfg.optim.name!r} in this config: its optimizer state is of the other kind; resume "
+                              f"with --optim.name {saved.optim.name}, or start a new run (--train.name) from its "
+                              f"weights (python -m moe_dist.export, then --train.init_from)")
     return saved
 
 

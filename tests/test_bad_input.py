@@ -305,6 +305,13 @@ def test_resuming_one_dataset_with_a_mixture(capsys, tmp_path, run_copy, prepare
                    tmp_path, prepared_data)
 
 
+def test_resuming_adamw_with_muon(capsys, tmp_path, run_copy):
+    runs, run_dir, argv = run_copy
+    assert_refused(capsys, train.main, argv + ["--optim.name", "muon", "--resume"],
+                   f"checkpoint {run_dir}/checkpoints/step-4: optim.name = 'adamw' there, 'muon' in this config: its "
+                   f"optimizer state is of the other kind", runs)
+
+
 def test_launcher_checks_once_before_torchrun(capsys, tmp_path, prepared_data):
     argv = ["--nproc", "2", *trainer_args(tmp_path / "runs", prepared_data, "--parallel.ep", "1",
                                           "--parallel.dp_shard", "4")]

@@ -6,6 +6,7 @@ import subprocess
 
 import pytest
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
 from distributed import run_on_ranks
 from equivalence import full_parameters, global_batches, small_config, split
@@ -18,8 +19,9 @@ from runs import (SMALL_MODEL, checkpoint_weights, run_trainer, start_trainer, t
                   trainer_args, trainer_command, wait_for)
 
 
-def test_resume_is_bit_exact(tmp_path, prepared_data):
-    common = [*SMALL_MODEL, "--checkpoint.interval", "10", "--checkpoint.keep_last", "5"]
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_bit_exact(tmp_path, prepared_data, optimizer):
+    common = [*SMALL_MODEL, "--checkpoint.interval", "10", "--checkpoint.keep_last", "5", "--optim.name", optimizer]
     straight = train_in_process(trainer_args(tmp_path / "a", prepared_data, "--train.steps", "20",
                                                            *common))
     assert straight.returncode == 0, straight.stderr[-2000:]
@@ -62,7 +64,7 @@ def save_worker(rank, world_size, ep, cfg, batches, run_dir):
         _step(model, optimizer, scheduler, cfg, windows, rank, world_size)
     train_state = {"step": 2, "tokens": 0, "data": {"epoch": 0, "position": 8}}
     Checkpointer(run_dir, cfg.checkpoint, rank, world_size).save(2, model, optimizer, scheduler, train_state)
-    saved = full_parameters(model)
+    saved = full_parameters(model), full_optimizer_state(model, optimizer)
     return saved, _step(model, optimizer, scheduler, cfg, batches[2], rank, world_size)
 
 
@@ -71,23 +73,34 @@ def load_worker(rank, world_size, ep, cfg, batches, run_dir):
     checkpointer = Checkpointer(run_dir, cfg.checkpoint, rank, world_size)
     state = checkpointer.load(latest_checkpoint(checkpointer.root), model, optimizer, scheduler)
     assert state["step"] == 2 and scheduler.last_epoch == 2
-    loaded = full_parameters(model)
+    loaded = full_parameters(model), full_optimizer_state(model, optimizer)
     return loaded, _step(model, optimizer, scheduler, cfg, batches[2], rank, world_size)
 
 
+def full_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
+    """Every optimizer state tensor, unsharded, by parameter name and state name."""
+    state = get_optimizer_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True))["state"]
+    return {f"{name}.{key}": torch.as_tensor(value).clone() for name, states in state.items()
+            for key, value in states.items()}
+
+
 @pytest.mark.slow
-def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path):
-    cfg = small_config(**{"train.steps": "3", "moe.top_k": "2", "moe.aux_free_bias": "true"})
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path, optimizer):
+    cfg = small_config(**{"train.steps": "3", "moe.top_k": "2", "moe.aux_free_bias": "true", "optim.name": optimizer})
     batches = global_batches(cfg, 3, 4)  # [steps, grad_accum = 1, 4 * MICRO_BATCH, seq_len + 1]
     (tmp_path / "config.toml").write_text(to_toml(cfg))
     saved, next_loss = run_on_ranks(save_worker, 4, 4, cfg, batches, tmp_path)[0]
     verify(latest_checkpoint(tmp_path / "checkpoints"))
     for world_size, ep in ((2, 2), (1, 1)):
         loaded, loss = run_on_ranks(load_worker, world_size, ep, cfg, batches, tmp_path)[0]
-        assert loaded.keys() == saved.keys()
-        for name in saved:
-            assert torch.equal(loaded[name], saved[name]), (world_size, name)
+        for got, want in zip(loaded, saved):  # the weights, then the optimizer's states (Muon: one per matrix)
+            assert got.keys() == want.keys()
+            for name in want:
+                assert torch.equal(got[name], want[name]), (world_size, name)
         assert abs(loss - next_loss) <= 1e-6 * next_loss, (world_size, loss, next_loss)
+    if optimizer == "muon":
+        assert any(name.endswith("experts.w1.momentum_buffer") for name in saved[1])
 
 
 # --- crash recovery under torchrun ---

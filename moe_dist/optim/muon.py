@@ -39,6 +39,12 @@ class MuonWithAdamW(torch.optim.AdamW):
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.plan = MuonPlan(matrices, rank, world, cfg.ns_steps)
 
+    def __setstate__(self, state: dict) -> None:
+        # Adam's reads a "step" from every parameter's state (load_state_dict comes here); Muon's keep a momentum only.
+        momenta = {p: s for p, s in state["state"].items() if "momentum_buffer" in s}
+        super().__setstate__({**state, "state": {p: s for p, s in state["state"].items() if p not in momenta}})
+        self.state.update(momenta)
+
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "MuonWithAdamW.step takes no closure"
