@@ -1,4 +1,5 @@
-"""Per-device memory under FSDP2 + expert parallelism: parameters, gradients, AdamW, buffers, activations.
+"""Per-device memory under FSDP2 + expert parallelism: parameters, gradients, optimizer states, buffers,
+activations.
 
 Shard sizes follow `moe_dist.parallel` exactly: dense tensors are split on dim 0 over all ranks;
 under EP each rank holds E / ep experts, split over the dp_shard ranks that hold the same ones, on dim 0
@@ -16,7 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from moe_dist.config import Config, ModelConfig
-from moe_dist.model import Transformer
+from moe_dist.model import Transformer, hidden_matrices
 from moe_dist.model.moe import GroupedExperts
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.parallel.fsdp import expert_shard_dim
@@ -64,11 +65,18 @@ def local_shard_numels(cfg: Config, world: int, rank: int, model: Transformer | 
 
 
 def shard_bytes(cfg: Config, world: int, rank: int, model: Transformer | None = None) -> tuple[int, int, int]:
-    """(parameters, gradients, AdamW states) bytes on `rank`: fp32 shards, and AdamW's two moments plus a
-    step scalar per tensor."""
+    """(parameters, gradients, optimizer states) bytes on `rank`: fp32 shards; AdamW's two moments plus a step
+    scalar per tensor, and with optim.name = "muon" one momentum for each hidden matrix instead."""
+    model = model if model is not None else meta_model(cfg)
     numels = local_shard_numels(cfg, world, rank, model)
     params = FP32 * sum(numels.values())
-    return params, params, 2 * params + FP32 * len(numels)
+    muon = set()
+    if cfg.optim.name == "muon":
+        matrices = {id(p) for p in hidden_matrices(model)}
+        muon = {name for name, p in model.named_parameters() if id(p) in matrices}
+    momenta = sum(n for name, n in numels.items() if name in muon)
+    adamw = sum(n for name, n in numels.items() if name not in muon)
+    return params, params, FP32 * (momenta + 2 * adamw + len(numels) - len(muon))
 
 
 def activation_dtype_bytes(cfg: Config, device_type: str) -> int:
@@ -133,7 +141,7 @@ class MemoryPlan:
     ep: int
     params: int  # fp32 shards (FSDP2 keeps the sharded parameters in their original dtype)
     grads: int  # fp32 shards
-    optimizer: int  # AdamW exp_avg and exp_avg_sq, plus a step scalar per tensor
+    optimizer: int  # AdamW exp_avg and exp_avg_sq plus a step scalar per tensor; Muon's matrices: a momentum
     buffers: int  # transient: unsharded root, two blocks all-gathered, one block's unsharded gradients
     activations: int  # one micro-batch, no activation checkpointing
     activations_checkpointed: int  # one micro-batch, with activation checkpointing

@@ -12,6 +12,9 @@ from moe_dist.memory import HEADROOM, MemoryPlan, activation_dtype_bytes, gib, m
 from moe_dist.model.transformer import is_moe_layer
 from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
 
+# optim.name: what the optimizer keeps per parameter, as the memory plan's row says it.
+OPTIMIZER_STATES = {"adamw": "AdamW states", "muon": "Muon momenta + AdamW states"}
+
 
 def attention_params(m: ModelConfig) -> tuple[int, int]:
     """(projections, biases and sinks; norms) of one attention layer."""
@@ -93,7 +96,8 @@ def print_memory_plan(cfg: Config, plan: MemoryPlan, device_memory: int | None) 
           f"micro_batch {d.micro_batch} x seq_len {d.seq_len}, activations in "
           f"{'bf16' if activation_dtype_bytes(cfg, 'cuda') == 2 else 'fp32'}")
     rows = [("parameters (fp32 shards)", plan.params), ("gradients (fp32 shards)", plan.grads),
-            ("AdamW states (fp32 shards)", plan.optimizer), ("FSDP2 gather/reduce buffers", plan.buffers),
+            (f"{OPTIMIZER_STATES[cfg.optim.name]} (fp32 shards)", plan.optimizer),
+            ("FSDP2 gather/reduce buffers", plan.buffers),
             ("activations", plan.activations),
             ("activations, checkpointed", plan.activations_checkpointed)]
     for label, n in rows:
@@ -152,16 +156,19 @@ def main(argv: list[str] | None = None) -> int:
 def print_simulation(cfg: Config, world: int) -> int:
     """Simulated ranks against the plan, one row each; 1 when any differs (a bug in moe_dist)."""
     print("\nsimulated ranks (fake process group, meta tensors), MiB simulated / planned")
-    print(f"  {'rank':>6} {'parameters':>19} {'gradients':>19} {'AdamW states':>19}  shard shapes")
-    failed = False
+    print(f"  {'rank':>6} {'parameters':>19} {'gradients':>19} {'optimizer states':>19}  shard shapes")
+    failed, muon = False, ""
     for rank in simulated_ranks(world):
         got, want = simulate_rank(cfg, world, rank), planned_rank(cfg, world, rank)
+        muon = got.muon
         pairs = [(got.params, want.params), (got.grads, want.grads), (got.optimizer, want.optimizer)]
         differ = sorted(n for n in want.shapes.keys() | got.shapes.keys() if got.shapes.get(n) != want.shapes.get(n))
         same = not differ and all(a == b for a, b in pairs)
         cells = "".join(f" {f'{a / 2**20:.1f} / {b / 2**20:.1f}':>19}" for a, b in pairs)
         print(f"  {rank:>6}{cells}  {'as planned' if same else 'DIFFER: ' + ', '.join(differ[:3])}")
         failed |= not same
+    if muon:
+        print(f"  {muon}")
     if failed:
         print("params: the simulated shards differ from the plan", file=sys.stderr)
     return int(failed)

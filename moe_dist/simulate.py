@@ -34,6 +34,7 @@ class RankShards:
     params: int
     grads: int
     optimizer: int
+    muon: str = ""  # with optim.name = "muon": its plan's balance and bytes over the whole world (MuonPlan.summary)
 
 
 def _nbytes(tensors) -> int:
@@ -58,7 +59,7 @@ def simulate_rank(cfg: Config, world: int, rank: int) -> RankShards:
         states = [t for state in optimizer.state.values() for t in state.values()]
         return RankShards(rank, {plain_name(n): tuple(local_part(p).shape) for n, p in model.named_parameters()},
                           params=_nbytes(params), grads=_nbytes(p.grad for p in params),
-                          optimizer=_nbytes(states))
+                          optimizer=_nbytes(states), muon=optimizer.plan.summary() if cfg.optim.name == "muon" else "")
     finally:
         dist.destroy_process_group()
 

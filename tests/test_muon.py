@@ -14,7 +14,7 @@ from moe_dist.model import Transformer, hidden_matrices
 from moe_dist.optim import build_optimizer, build_scheduler, lr_factor
 from moe_dist.optim.adamw import adamw_groups
 from moe_dist.optim.muon import LR_SCALING, MuonWithAdamW
-from moe_dist.optim.muon_plan import MuonPlan, newton_schulz_flops
+from moe_dist.optim.muon_plan import newton_schulz_flops
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
@@ -136,7 +136,7 @@ def placed_worker(rank, world_size, steps):
     full = [torch.randn(shape, generator=gen) for shape, _ in PLACED]
     params = [torch.nn.Parameter(distribute_tensor(t, mesh, placements)) for t, (_, placements) in zip(full, PLACED)]
     cfg = muon_config(4, 1).optim
-    optimizer = MuonWithAdamW(params, [], cfg, fused=False)
+    optimizer = MuonWithAdamW(params, adamw_groups([], cfg), cfg, fused=False)
     moved = []
     send = torch.distributed.all_to_all_single
     torch.distributed.all_to_all_single = lambda out, inp, out_sizes, in_sizes, **kw: (
@@ -164,8 +164,8 @@ def test_any_sharded_placement_equals_torch_muon_bit_for_bit():
                             ns_steps=cfg.ns_steps, adjust_lr_fn=LR_SCALING)
     for _ in range(steps):
         grads = [torch.randn(t.shape, generator=gen) for t in full]
-        for m, g in zip(matrices, (m for g in grads for m in (g.unsqueeze(0) if g.dim() == 2 else g))):
-            m.grad = g.clone()
+        for m, grad in zip(matrices, (part for g in grads for part in (g.unsqueeze(0) if g.dim() == 2 else g))):
+            m.grad = grad.clone()
         muon.step()
     want = [torch.stack(ms).view(t.shape) for t, ms in zip(full, _split_like(matrices, full))]
     flops = [newton_schulz_flops(m.shape, cfg.ns_steps) for m in matrices]

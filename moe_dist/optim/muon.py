@@ -27,37 +27,29 @@ NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
 LR_SCALING = "match_rms_adamw"
 
 
-class MuonWithAdamW(torch.optim.AdamW):
+class MuonWithAdamW(torch.optim.Optimizer):
     """Muon on the param group marked "muon" (2-D weights and [E, a, b] expert stacks: E matrices), AdamW on the
-    others. The groups share one lr schedule and one state dict."""
+    others: one optimizer, so that one lr schedule, one state dict and one checkpoint hold both."""
 
     def __init__(self, matrices: list[nn.Parameter], other_groups: list[dict], cfg: OptimConfig, fused: bool):
+        self.adamw = torch.optim.AdamW([{**g, "muon": False} for g in other_groups], lr=cfg.lr,
+                                       betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         muon = {"params": matrices, "muon": True, "weight_decay": cfg.weight_decay, "momentum": cfg.momentum,
                 "nesterov": True, "ns_steps": cfg.ns_steps}
-        super().__init__([muon] + [{**g, "muon": False} for g in other_groups], lr=cfg.lr,
-                         betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
+        super().__init__([muon] + self.adamw.param_groups, self.adamw.defaults)
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         self.plan = MuonPlan(matrices, rank, world, cfg.ns_steps)
-
-    def __setstate__(self, state: dict) -> None:
-        # Adam's reads a "step" from every parameter's state (load_state_dict comes here); Muon's keep a momentum only.
-        momenta = {p: s for p, s in state["state"].items() if "momentum_buffer" in s}
-        super().__setstate__({**state, "state": {p: s for p, s in state["state"].items() if p not in momenta}})
-        self.state.update(momenta)
 
     @torch.no_grad()
     def step(self, closure=None):
         assert closure is None, "MuonWithAdamW.step takes no closure"
-        groups = self.param_groups
-        for group in groups:
+        for group in self.param_groups:
             if group["muon"]:
                 self._muon_step(group)
-        # AdamW's own step, over its groups only.
-        self.param_groups = [g for g in groups if not g["muon"]]
-        try:
-            super().step()
-        finally:
-            self.param_groups = groups
+        # AdamW's step on the other groups and this optimizer's state, as they are now: load_state_dict replaces both.
+        self.adamw.param_groups = [g for g in self.param_groups if not g["muon"]]
+        self.adamw.state = self.state
+        self.adamw.step()
 
     def _muon_step(self, group: dict) -> None:
         lr, momentum = group["lr"], group["momentum"]

@@ -145,6 +145,21 @@ class MuonPlan:
                      if p.rank != m.owner and rank in (p.rank, m.owner))
         return BF16_BYTES * pieces
 
+    def ideal_bytes(self) -> int:
+        """All ranks' bytes per step if every matrix were gathered once to the rank holding most of it and scattered
+        back once, in bf16: what `bytes_sent` sums to over the ranks when the owners are those ranks."""
+        return 2 * BF16_BYTES * sum(math.prod(m.shape) - max(p.numel for p in m.pieces) for m in self.matrices)
+
+    def summary(self) -> str:
+        """One line: Newton-Schulz FLOPs and bytes sent per rank, max / mean, and the bytes against the ideal."""
+        flops = [self.flops(r) for r in range(self.world)]
+        sent = [self.bytes_sent(r) for r in range(self.world)]
+        mean_flops, mean_sent = sum(flops) / self.world, sum(sent) / self.world
+        return (f"Muon: {len(self.matrices)} matrices over {self.world} ranks | Newton-Schulz per rank "
+                f"{max(flops) / 1e9:.3g} GFLOP max, {mean_flops / 1e9:.3g} mean (max/mean "
+                f"{max(flops) / mean_flops:.3f}) | sent per rank {max(sent) / 2**20:.3g} MiB max, "
+                f"{mean_sent / 2**20:.3g} mean; all ranks {sum(sent) / max(self.ideal_bytes(), 1):.3f}x the ideal")
+
     def orthogonalise(self, updates: list[Tensor],
                       newton_schulz: Callable[[Tensor], Tensor]) -> Iterator[tuple[Matrix, Piece, Tensor]]:
         """From this rank's bf16 updates (each parameter's local part), (matrix, piece, its orthogonalised part)
