@@ -14,7 +14,7 @@ from moe_dist.model import Transformer, hidden_matrices
 from moe_dist.optim import build_optimizer, build_scheduler, lr_factor
 from moe_dist.optim.adamw import adamw_groups
 from moe_dist.optim.muon import LR_SCALING, MuonWithAdamW
-from moe_dist.optim.muon_plan import newton_schulz_flops
+from moe_dist.optim.muon_plan import MuonPlan, newton_schulz_flops
 from moe_dist.parallel.materialize import plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
@@ -137,6 +137,9 @@ def placed_worker(rank, world_size, steps):
     params = [torch.nn.Parameter(distribute_tensor(t, mesh, placements)) for t, (_, placements) in zip(full, PLACED)]
     cfg = muon_config(4, 1).optim
     optimizer = MuonWithAdamW(params, adamw_groups([], cfg), cfg, fused=False)
+    # Buckets of at most 100 elements: the shared matrices travel in several pairs of all-to-alls.
+    optimizer.plan = MuonPlan(params, rank, world_size, cfg.ns_steps, bucket_numel=100)
+    assert len(optimizer.plan.buckets) > 2
     moved = []
     send = torch.distributed.all_to_all_single
     torch.distributed.all_to_all_single = lambda out, inp, out_sizes, in_sizes, **kw: (

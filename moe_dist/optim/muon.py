@@ -20,7 +20,7 @@ from torch.optim._muon import DEFAULT_A, DEFAULT_B, DEFAULT_C, EPS, _adjust_lr, 
 from moe_dist.config import OptimConfig
 from moe_dist.model import Transformer, hidden_matrices
 from moe_dist.optim.adamw import adamw_groups
-from moe_dist.optim.muon_plan import MuonPlan
+from moe_dist.optim.muon_plan import Matrix, MuonPlan, Piece
 from moe_dist.parallel import local_part
 
 NS_COEFFICIENTS = (DEFAULT_A, DEFAULT_B, DEFAULT_C)
@@ -52,26 +52,28 @@ class MuonWithAdamW(torch.optim.Optimizer):
         self.adamw.step()
 
     def _muon_step(self, group: dict) -> None:
-        lr, momentum = group["lr"], group["momentum"]
-        updates = []
-        for p in group["params"]:
+        lr, momentum, params = group["lr"], group["momentum"], group["params"]
+        grads, buffers = [], []
+        for p in params:
             if p.grad is None:
                 raise RuntimeError(f"Muon: a matrix of shape {tuple(p.shape)} has no gradient: every rank must step "
                                    f"every matrix, or the all-to-alls would not match")
             state = self.state[p]
             if "momentum_buffer" not in state:
                 state["momentum_buffer"] = torch.zeros_like(p.grad)
-            grad, buf = local_part(p.grad), local_part(state["momentum_buffer"])
-            buf.lerp_(grad, 1 - momentum)
-            update = grad.lerp(buf, momentum) if group["nesterov"] else buf
-            updates.append(update.bfloat16())
-        for p in group["params"]:
+            grads.append(local_part(p.grad))
+            buffers.append(local_part(state["momentum_buffer"]).lerp_(grads[-1], 1 - momentum))
             local_part(p).mul_(1 - lr * group["weight_decay"])
+
+        def update(matrix: Matrix, piece: Piece) -> torch.Tensor:
+            """A piece's Nesterov update, in the bf16 Newton-Schulz starts with; elementwise, so cut as it likes."""
+            grad, buf = grads[matrix.param][piece.local], buffers[matrix.param][piece.local]
+            return (grad.lerp(buf, momentum) if group["nesterov"] else buf).bfloat16()
+
         newton_schulz = functools.partial(_zeropower_via_newtonschulz, ns_coefficients=NS_COEFFICIENTS,
                                           ns_steps=group["ns_steps"], eps=EPS)
-        for matrix, piece, ortho in self.plan.orthogonalise(updates, newton_schulz):
-            local_part(group["params"][matrix.param])[piece.local].add_(
-                ortho, alpha=-_adjust_lr(lr, LR_SCALING, matrix.shape))
+        for matrix, piece, ortho in self.plan.orthogonalise(update, newton_schulz):
+            local_part(params[matrix.param])[piece.local].add_(ortho, alpha=-_adjust_lr(lr, LR_SCALING, matrix.shape))
 
 
 def build_muon(model: Transformer, cfg: OptimConfig, device: torch.device) -> MuonWithAdamW:

@@ -114,26 +114,57 @@ def _assign_owners(matrices: list[Matrix], world: int, ns_steps: int) -> None:
         load[owner] += newton_schulz_flops(m.shape, ns_steps)
 
 
+def _buckets(matrices: list[Matrix], numel: int) -> list[list[Matrix]]:
+    """`matrices` in order, cut into runs of at most `numel` elements (or one matrix, where it is larger)."""
+    buckets: list[list[Matrix]] = []
+    size = numel
+    for m in matrices:
+        if size + math.prod(m.shape) > numel:
+            buckets.append([])
+            size = 0
+        buckets[-1].append(m)
+        size += math.prod(m.shape)
+    return buckets
+
+
+@dataclass
+class Bucket:
+    """One pair of all-to-alls: this rank's pieces of the bucket's matrices by owner, its own matrices' pieces by
+    holder; both ends list a pair's pieces in the matrices' order."""
+
+    sends: list[list[tuple[Matrix, Piece]]]
+    recvs: list[list[tuple[Matrix, Piece]]]
+
+
+# The matrices' elements one pair of all-to-alls carries: a step's transient memory is a bucket's, not every
+# matrix's at once (at 8 ranks, 3.8B parameters a rank would hold 7 GiB of bf16 updates, and as much again in flight).
+BUCKET_NUMEL = 2**26
+
+
 @dataclass
 class MuonPlan:
-    """Owners of every matrix of `params` and this rank's part of the two all-to-alls."""
+    """Owners of every matrix of `params` and this rank's part of the all-to-alls."""
 
     params: list[Tensor]
     rank: int
     world: int
     ns_steps: int
+    bucket_numel: int = BUCKET_NUMEL
     matrices: list[Matrix] = field(init=False)
 
     def __post_init__(self):
         self.matrices = _matrices(self.params, self.rank)
         _assign_owners(self.matrices, self.world, self.ns_steps)
-        # Both ends list a (destination, source) pair's pieces in the same order: the matrices' order.
-        self.sends = [self._pieces(owner=dest, holder=self.rank) for dest in range(self.world)]
-        self.recvs = [self._pieces(owner=self.rank, holder=src) for src in range(self.world)]
-        self.moves = any(p.rank != m.owner for m in self.matrices for p in m.pieces)
+        # A matrix one rank holds whole is orthogonalised there, with no transfer.
+        self.whole_here = [(m, m.pieces[0]) for m in self.matrices if len(m.pieces) == 1 and m.owner == self.rank]
+        shared = [m for m in self.matrices if len(m.pieces) > 1]
+        self.buckets = [Bucket([self._pieces(ms, owner=dest, holder=self.rank) for dest in range(self.world)],
+                               [self._pieces(ms, owner=self.rank, holder=src) for src in range(self.world)])
+                        for ms in _buckets(shared, self.bucket_numel)]
 
-    def _pieces(self, owner: int, holder: int) -> list[tuple[Matrix, Piece]]:
-        return [(m, p) for m in self.matrices if m.owner == owner for p in m.pieces if p.rank == holder]
+    @staticmethod
+    def _pieces(matrices: list[Matrix], owner: int, holder: int) -> list[tuple[Matrix, Piece]]:
+        return [(m, p) for m in matrices if m.owner == owner for p in m.pieces if p.rank == holder]
 
     def flops(self, rank: int) -> int:
         """Newton-Schulz FLOPs per step on `rank`."""
@@ -160,39 +191,38 @@ class MuonPlan:
                 f"{max(flops) / mean_flops:.3f}) | sent per rank {max(sent) / 2**20:.3g} MiB max, "
                 f"{mean_sent / 2**20:.3g} mean; all ranks {sum(sent) / max(self.ideal_bytes(), 1):.3f}x the ideal")
 
-    def orthogonalise(self, updates: list[Tensor],
+    def orthogonalise(self, update: Callable[[Matrix, Piece], Tensor],
                       newton_schulz: Callable[[Tensor], Tensor]) -> Iterator[tuple[Matrix, Piece, Tensor]]:
-        """From this rank's bf16 updates (each parameter's local part), (matrix, piece, its orthogonalised part)
-        for every piece this rank holds."""
-        device = updates[0].device if updates else torch.device("cpu")
-        gathered = self._exchange([[updates[m.param][p.local] for m, p in sends] for sends in self.sends],
-                                  [[p for _, p in recvs] for recvs in self.recvs], device)
-        whole: dict[int, Tensor] = {}
-        for recvs, parts in zip(self.recvs, gathered):
-            for (m, p), part in zip(recvs, parts):
-                if id(m) not in whole:
-                    whole[id(m)] = torch.empty(m.shape, dtype=torch.bfloat16, device=device)
-                whole[id(m)][p.rows, p.cols] = part
-        ortho = {key: newton_schulz(matrix) for key, matrix in whole.items()}
-        returned = self._exchange([[ortho[id(m)][p.rows, p.cols] for m, p in recvs] for recvs in self.recvs],
-                                  [[p for _, p in sends] for sends in self.sends], device)
-        for sends, parts in zip(self.sends, returned):
-            for (m, p), part in zip(sends, parts):
-                yield m, p, part
+        """(matrix, piece, its orthogonalised part) for every piece this rank holds, bucket by bucket; `update`
+        gives a piece's bf16 update from this rank's shards."""
+        for m, p in self.whole_here:
+            yield m, p, newton_schulz(update(m, p))
+        for bucket in self.buckets:
+            gathered = self._exchange([[update(m, p) for m, p in sends] for sends in bucket.sends],
+                                      [[p for _, p in recvs] for recvs in bucket.recvs])
+            whole: dict[int, Tensor] = {}
+            for recvs, parts in zip(bucket.recvs, gathered):
+                for (m, p), part in zip(recvs, parts):
+                    if id(m) not in whole:
+                        whole[id(m)] = part.new_empty(m.shape)
+                    whole[id(m)][p.rows, p.cols] = part
+            ortho = {key: newton_schulz(matrix) for key, matrix in whole.items()}
+            returned = self._exchange([[ortho[id(m)][p.rows, p.cols] for m, p in recvs] for recvs in bucket.recvs],
+                                      [[p for _, p in sends] for sends in bucket.sends])
+            for sends, parts in zip(bucket.sends, returned):
+                for (m, p), part in zip(sends, parts):
+                    yield m, p, part
 
-    def _exchange(self, outgoing: list[list[Tensor]], incoming: list[list[Piece]],
-                  device: torch.device) -> list[list[Tensor]]:
+    def _exchange(self, outgoing: list[list[Tensor]], incoming: list[list[Piece]]) -> list[list[Tensor]]:
         """Send outgoing[r] (bf16 pieces) to each rank r; returns the pieces each rank r sends here, which
         incoming[r] names, shaped."""
+        device = self.params[0].device
         flat = [t.reshape(-1) for pieces in outgoing for t in pieces]
         send = torch.cat(flat) if flat else torch.empty(0, dtype=torch.bfloat16, device=device)
-        if self.moves:
-            send_bytes = [BF16_BYTES * sum(t.numel() for t in pieces) for pieces in outgoing]
-            recv_bytes = [BF16_BYTES * sum(p.numel for p in pieces) for pieces in incoming]
-            recv = send.new_empty(sum(recv_bytes) // BF16_BYTES)
-            # Moved as bytes: gloo's all-to-all takes neither bf16 nor int16.
-            dist.all_to_all_single(recv.view(torch.uint8), send.view(torch.uint8), recv_bytes, send_bytes)
-        else:  # every piece is its owner's: this rank sends itself what it receives, in the same order
-            recv = send
+        send_bytes = [BF16_BYTES * sum(t.numel() for t in pieces) for pieces in outgoing]
+        recv_bytes = [BF16_BYTES * sum(p.numel for p in pieces) for pieces in incoming]
+        recv = torch.empty(sum(recv_bytes) // BF16_BYTES, dtype=torch.bfloat16, device=device)
+        # Moved as bytes: gloo's all-to-all takes neither bf16 nor int16.
+        dist.all_to_all_single(recv.view(torch.uint8), send.view(torch.uint8), recv_bytes, send_bytes)
         parts = iter(recv.split([p.numel for pieces in incoming for p in pieces]))
         return [[next(parts).view(p.shape) for p in pieces] for pieces in incoming]
