@@ -6,7 +6,7 @@ import torch
 from distributed import run_on_ranks
 from equivalence import MICRO_BATCH, global_batches, small_config, split
 from moe_dist.memory import FP32, activation_bytes, local_shard_numels, parse_bytes, plan_memory
-from moe_dist.model import Transformer
+from moe_dist.model import Transformer, hidden_matrices
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel import local_part
 from moe_dist.parallel.mesh import Runtime, build_mesh
@@ -36,18 +36,23 @@ def allocated_worker(rank, world_size, cfg, batches):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world_size,ep,biases", [(2, 1, False), (4, 1, False), (4, 2, False), (4, 2, True)])
-def test_planner_matches_allocated_shards(world_size, ep, biases):
+@pytest.mark.parametrize("world_size,ep,biases,optimizer", [(2, 1, False, "adamw"), (4, 1, False, "muon"),
+                                                            (4, 2, False, "adamw"), (4, 2, True, "muon")])
+def test_planner_matches_allocated_shards(world_size, ep, biases, optimizer):
     # Sizes that torch.chunk cuts unevenly: vocab 251; 6 experts over 4 ranks and 3 local experts over 2
     # dp_shard ranks, which FSDP cuts on their last dim (the biases' too).
     cfg = small_config(**{"model.vocab_size": "251", "moe.num_experts": "6", "parallel.ep": str(ep),
-                          "moe.expert_biases": str(biases), "moe.router_bias": str(biases)})
+                          "moe.expert_biases": str(biases), "moe.router_bias": str(biases), "optim.name": optimizer})
     results = run_on_ranks(allocated_worker, world_size, cfg, global_batches(cfg, 1, world_size))
+    model = Transformer(cfg.model, cfg.moe)
+    matrices = {id(p) for p in hidden_matrices(model)} if optimizer == "muon" else set()
+    muon = {name for name, p in model.named_parameters() if id(p) in matrices}
     for rank, (params, grads, states) in enumerate(results):
         expected = {name: FP32 * n for name, n in local_shard_numels(cfg, world_size, rank).items()}
         assert params == expected, rank
         assert grads == sum(expected.values())
-        assert states == 2 * sum(expected.values()) + FP32 * len(expected)  # exp_avg, exp_avg_sq, step
+        # Muon: a momentum per hidden matrix; AdamW: exp_avg, exp_avg_sq, step
+        assert states == sum(n if name in muon else 2 * n + FP32 for name, n in expected.items())
     assert len({sum(p.values()) for p, _, _ in results}) > 1  # the uneven cut is exercised
     plan = plan_memory(cfg, world_size, "cpu")
     params, grads, states = results[0]  # rank 0 holds the largest shards

@@ -187,3 +187,24 @@ def _split_like(matrices: list, tensors: list) -> list[list]:
         out.append(matrices[i:i + n])
         i += n
     return out
+
+
+def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
+    cfg = small_config(**{"optim.name": "muon", "model.attention": "mla", "model.q_lora_rank": "48",
+                          "model.kv_lora_rank": "32", "moe.shared_expert_hidden": "64", "moe.shared_expert_gate": "true",
+                          "moe.expert_biases": "true", "moe.router_bias": "true"})
+    model = Transformer(cfg.model, cfg.moe)
+    optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
+    names = {id(p): name for name, p in model.named_parameters()}
+    muon, *adamw = ({names[id(p)] for p in group["params"]} for group in optimizer.param_groups)
+    assert [g["muon"] for g in optimizer.param_groups] == [True, False, False]
+    assert muon | set().union(*adamw) == set(names.values()) and not muon & set().union(*adamw)
+    assert {"layers.0.ffn.w2.weight", "layers.1.attention.wq_a.weight", "layers.1.attention.wkv_b.weight",
+            "layers.1.attention.wo.weight", "layers.1.ffn.experts.w1", "layers.1.ffn.experts.w2",
+            "layers.1.ffn.shared_expert.w3.weight"} <= muon
+    assert all(name.startswith("layers.") for name in muon)
+    # The router, the shared expert's gate, the embeddings, the head, the experts' [E, hidden] biases: AdamW, with
+    # weight decay as AdamW alone gives them (2-D); norms and the other biases without.
+    assert {"layers.1.ffn.router.gate.weight", "layers.1.ffn.shared_expert_gate.weight", "tok_embeddings.weight",
+            "output.weight", "layers.1.ffn.experts.w1_bias"} <= adamw[0]
+    assert {"layers.1.ffn.router.gate.bias", "norm.weight"} <= adamw[1]
