@@ -56,3 +56,10 @@ def run_on_ranks(fn: Callable, world_size: int, *args, timeout: float = 600) -> 
         if any(p.exitcode != 0 for p in procs):
             raise AssertionError(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
         return [torch.load(f"{workdir}/result-{rank}.pt", weights_only=False) for rank in range(world_size)]
+
+
+def in_fresh_process(fn: Callable, *args):
+    """fn(*args) (a module-level function) in a process forked from the fork server, in no process group; its
+    result."""
+    with _CONTEXT.Pool(1) as pool:
+        return pool.apply(fn, args)

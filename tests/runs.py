@@ -68,6 +68,21 @@ def train_in_process(argv: list[str]) -> subprocess.CompletedProcess:
     return subprocess.CompletedProcess(["moe_dist.train", *argv], code, out.getvalue(), err.getvalue())
 
 
+def _train_rank(rank: int, world_size: int, argv: list[str]) -> subprocess.CompletedProcess:
+    return train_in_process(argv)  # main joins the process group the rank is already in
+
+
+def train_on_ranks(argv: list[str], world_size: int) -> subprocess.CompletedProcess:
+    """moe_dist.train's main on `world_size` gloo ranks forked by distributed.run_on_ranks, as torchrun runs it
+    (without torchrun and the ranks' interpreter start, some seconds each on 2 cores): rank 0's stdout and stderr,
+    with the first nonzero exit code of any rank, as torchrun's."""
+    from distributed import run_on_ranks
+
+    ranks = run_on_ranks(_train_rank, world_size, argv)
+    code = next((r.returncode for r in ranks if r.returncode), 0)
+    return subprocess.CompletedProcess(ranks[0].args, code, ranks[0].stdout, ranks[0].stderr)
+
+
 def wait_for(condition, proc: subprocess.Popen, timeout: float = 300) -> None:
     """Poll until condition() holds; fail with the process's stderr if it exits first."""
     deadline = time.time() + timeout

@@ -15,7 +15,7 @@ from moe_dist.config import to_toml
 from moe_dist.optim import build_optimizer, build_scheduler
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, train_step
-from runs import (SMALL_MODEL, checkpoint_weights, run_trainer, start_trainer, train_in_process, train_losses,
+from runs import (SMALL_MODEL, checkpoint_weights, start_trainer, train_in_process, train_losses, train_on_ranks,
                   trainer_args, trainer_command, wait_for)
 
 
@@ -116,9 +116,10 @@ CRASH_ARGS = [*SMALL_MODEL, "--train.steps", "24", "--checkpoint.interval", "4",
 
 @pytest.fixture(scope="module")
 def uninterrupted(tmp_path_factory, prepared_data):
-    """Losses of the crash tests' run on 2 ranks with nothing killed."""
+    """Losses of the crash tests' run on 2 ranks with nothing killed (forked ranks: torchrun is what the tests
+    check, not this run)."""
     runs_dir = tmp_path_factory.mktemp("uninterrupted")
-    result = run_trainer(trainer_command(2) + trainer_args(runs_dir, prepared_data, *CRASH_ARGS))
+    result = train_on_ranks(trainer_args(runs_dir, prepared_data, *CRASH_ARGS), 2)
     assert result.returncode == 0, result.stderr[-3000:]
     return train_losses(runs_dir / "tiny")
 

@@ -9,19 +9,20 @@ import errno
 import json
 import os
 import resource
-import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 import torch
 
 import moe_dist.checkpoint
+from moe_dist import export
 from moe_dist.checkpoint import Checkpointer, latest_checkpoint, verify
 from moe_dist.config import CheckpointConfig
 from moe_dist.files import WriteError
-from distributed import run_on_ranks
-from runs import REPO, SMALL_MODEL, local_sh, trainer_args
+from distributed import in_fresh_process, run_on_ranks
+from runs import SMALL_MODEL, local_sh, train_on_ranks, trainer_args
 
 LIMIT = 64 << 10  # above config.toml, tokenizer.json and the RNG files; below every checkpoint shard
 
@@ -78,11 +79,12 @@ def limit_file_size(limit: int = LIMIT):
 
 @pytest.mark.slow
 def test_a_full_disk_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path, prepared_data):
-    # Through launch/local.sh, as a user runs it: the ranks' one line is all of stderr.
+    # Through launch/local.sh, as a user runs it: the ranks' one line is all of stderr. The good checkpoint before
+    # comes from two forked ranks: a launch through local.sh costs some 20 s here.
     args = trainer_args(tmp_path, prepared_data, *SMALL_MODEL, "--train.eval_interval", "0", "--checkpoint.interval",
                         "2", "--parallel.ep", "2")
-    first = local_sh(*args, "--train.steps", "2")
-    assert first.wait(timeout=600) == 0, first.communicate()[1][-3000:]
+    first = train_on_ranks([*args, "--train.steps", "2"], 2)
+    assert first.returncode == 0, first.stderr[-3000:]
     checkpoints = tmp_path / "tiny" / "checkpoints"
     good = latest_checkpoint(checkpoints)
 
@@ -110,12 +112,22 @@ def test_a_full_disk_stops_every_rank_and_keeps_the_last_checkpoint(tmp_path, pr
     assert latest_checkpoint(checkpoints) == good
 
 
+def export_on_a_full_disk(argv: list[str]) -> tuple[int, str]:
+    """python -m moe_dist.export's main (in a fresh process: the limit stays) with every write past LIMIT bytes of a
+    file refused: its exit code and all it wrote to stderr, the file descriptor, not only sys.stderr."""
+    with tempfile.TemporaryFile("w+") as err:
+        os.dup2(err.fileno(), 2)
+        limit_file_size()()
+        code = export.main(argv)
+        sys.stderr.flush()
+        err.seek(0)
+        return code, err.read()
+
+
 def test_an_export_onto_a_full_disk_is_one_line_and_leaves_nothing(tmp_path, finished_run):
     run_dir, _ = finished_run
-    out = tmp_path / "out"
-    result = subprocess.run([sys.executable, "-m", "moe_dist.export", str(run_dir), "--out", str(out)], cwd=REPO,
-                            capture_output=True, text=True, timeout=600, preexec_fn=limit_file_size())
-    assert result.returncode == 2
-    assert result.stderr.startswith(f"export: cannot write {tmp_path}/.out.export-tmp/model.safetensors: ")
-    assert result.stderr.count("\n") == 1 and result.stderr.endswith("; nothing was exported\n"), result.stderr
+    code, err = in_fresh_process(export_on_a_full_disk, [str(run_dir), "--out", str(tmp_path / "out")])
+    assert code == 2
+    assert err.startswith(f"export: cannot write {tmp_path}/.out.export-tmp/model.safetensors: ")
+    assert err.count("\n") == 1 and err.endswith("; nothing was exported\n"), err
     assert list(tmp_path.iterdir()) == []

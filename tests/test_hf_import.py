@@ -29,7 +29,7 @@ from moe_dist.model import Transformer
 from moe_dist.parallel.materialize import filled_tensors, materialize, plain_name
 from moe_dist.parallel.mesh import Runtime, build_mesh
 from moe_dist.train import build_model, loss_fn
-from runs import run_trainer, train_in_process, trainer_args, trainer_command
+from runs import train_in_process, train_on_ranks, trainer_args
 
 SEQ_LEN = 16
 TEXT = "The quick brown fox jumps over the lazy dog. Pack my box with five dozen liquor jugs."
@@ -126,33 +126,48 @@ def import_worker(rank, world_size, cases, global_batch, steps):
     return results
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("world_size", [2, 4])
-def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_path, world_size):
-    global_batch = torch.randint(0, 96, (world_size * 2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(3))
-    steps = torch.randint(0, 96, (3, 1, world_size * 2, SEQ_LEN + 1), generator=torch.Generator().manual_seed(4))
+def reference_import(cfg, global_batch: torch.Tensor, steps: torch.Tensor) -> tuple:
+    """What import_worker gives, from the single-process import: the first step's loss, aux loss and gradients,
+    then the losses of `steps` and the weights."""
+    reference, _ = import_model(Path(cfg.train.init_from), TRAINING)
+    inputs, targets = split(global_batch)
+    out, aux = reference(inputs)
+    ce = loss_fn(out, targets)
+    (ce + aux).backward()
+    grads = {name: param.grad for name, param in reference.named_parameters()}
+    reference.zero_grad(set_to_none=True)
+    losses = [r.loss for r in train_steps(reference, cfg, steps)]
+    return ce.item(), aux.item(), grads, losses, full_parameters(reference)
+
+
+@pytest.fixture(scope="module")
+def distributed_cases(tmp_path_factory):
+    """(per family of DISTRIBUTED_LAYOUTS: its config and reference_import, the global batch, the steps): one global
+    batch of 8 sequences (4 or 2 a rank), so that both world sizes share the saved checkpoints and references."""
+    torch.set_num_threads(1)  # as conftest sets for each test, which starts after this fixture
+    root = tmp_path_factory.mktemp("hf")
+    global_batch = torch.randint(0, 96, (8, SEQ_LEN + 1), generator=torch.Generator().manual_seed(3))
+    steps = torch.randint(0, 96, (3, 1, 8, SEQ_LEN + 1), generator=torch.Generator().manual_seed(4))
     cases = []
     for family, layout in DISTRIBUTED_LAYOUTS.items():
-        save_tiny(family, tmp_path / family, layout)
-        cases.append(config_from_hf(tmp_path / family, {**TRAINING, "parallel.ep": 2,
-                                                        "train.init_from": str(tmp_path / family)}))
-    per_rank = run_on_ranks(import_worker, world_size, cases, global_batch, steps)
+        save_tiny(family, root / family, layout)
+        cfg = config_from_hf(root / family, {**TRAINING, "parallel.ep": 2, "train.init_from": str(root / family)})
+        cases.append((cfg, reference_import(cfg, global_batch, steps)))
+    return cases, global_batch, steps
 
-    for c, cfg in enumerate(cases):
+
+@pytest.mark.slow
+@pytest.mark.parametrize("world_size", [2, 4])
+def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_path, world_size, distributed_cases):
+    cases, global_batch, steps = distributed_cases
+    per_rank = run_on_ranks(import_worker, world_size, [cfg for cfg, _ in cases], global_batch, steps)
+
+    for c, (cfg, (want_loss, want_aux, want_grads, want_steps, want_params)) in enumerate(cases):
         directory, family = Path(cfg.train.init_from), family_of(cfg)
-        reference, _ = import_model(directory, TRAINING)
-        inputs, targets = split(global_batch)
-        out, aux = reference(inputs)
-        ce = loss_fn(out, targets)
-        (ce + aux).backward()
-        want_grads = {name: param.grad for name, param in reference.named_parameters()}
-        reference.zero_grad(set_to_none=True)
-        want_steps = [r.loss for r in train_steps(reference, cfg, steps)]
-        want_params = full_parameters(reference)
         for rank, results in enumerate(per_rank):
             loss, got_aux, grads, losses, params = results[c]
             where = (directory.name, world_size, rank)
-            assert abs(loss - ce.item()) <= 1e-5 * ce.item() and abs(got_aux - aux.item()) <= 1e-5 * aux.item(), where
+            assert abs(loss - want_loss) <= 1e-5 * want_loss and abs(got_aux - want_aux) <= 1e-5 * want_aux, where
             for name, want in want_grads.items():
                 torch.testing.assert_close(grads[name], want, rtol=1e-5, atol=1e-5 * want.abs().max().item(),
                                            msg=f"{where} {name}")
@@ -183,8 +198,9 @@ def test_sharded_import_equals_single_process_then_exports_to_transformers(tmp_p
 
 @pytest.mark.slow
 def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
-    """The user's path: prep with the checkpoint's tokenizer, torchrun with --train.init_from at ep 2, export
-    --format hf, from_pretrained."""
+    """The user's path: prep with the checkpoint's tokenizer, two ranks with --train.init_from at ep 2, export
+    --format hf, from_pretrained. The ranks are forked, not started by torchrun (which test_launch and
+    test_checkpoint run): two interpreters' start less."""
     source = tmp_path / "qwen3"
     save_tiny("qwen3_moe", source, "sharded", vocab_size=320)
     train_tokenizer([TEXT], 300).save(str(source / "tokenizer.json"))
@@ -193,10 +209,10 @@ def test_train_from_a_hf_dir_under_ep_then_export(tmp_path):
     assert prep.main(["--input", str(tmp_path / "docs.jsonl"), "--out", str(tmp_path / "data"), "--vocab-size", "320",
                       "--tokenizer", str(source)]) == 0
     run = tmp_path / "runs" / "q3"
-    result = run_trainer(trainer_command(2) + trainer_args(
+    result = train_on_ranks(trainer_args(
         tmp_path / "runs", None, "--train.init_from", str(source), "--data.path", str(tmp_path / "data"),
         "--parallel.ep", "2", "--train.steps", "3", "--train.name", "q3", "--data.seq_len", str(SEQ_LEN),
-        "--data.micro_batch", "2", "--optim.lr", "1e-2"))
+        "--data.micro_batch", "2", "--optim.lr", "1e-2"), 2)
     assert result.returncode == 0, result.stderr[-3000:]
     resolved = load_config(str(run / "config.toml"))
     assert (resolved.model.qk_norm, resolved.model.head_dim, resolved.moe.dense_layers) == ("head", 16, [0])

@@ -191,8 +191,8 @@ def _split_like(matrices: list, tensors: list) -> list[list]:
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
     cfg = small_config(**{"optim.name": "muon", "model.attention": "mla", "model.q_lora_rank": "48",
-                          "model.kv_lora_rank": "32", "moe.shared_expert_hidden": "64", "moe.shared_expert_gate": "true",
-                          "moe.expert_biases": "true", "moe.router_bias": "true"})
+                          "model.kv_lora_rank": "32", "moe.shared_expert_hidden": "64",
+                          "moe.shared_expert_gate": "true", "moe.expert_biases": "true", "moe.router_bias": "true"})
     model = Transformer(cfg.model, cfg.moe)
     optimizer = build_optimizer(model, cfg.optim, torch.device("cpu"))
     names = {id(p): name for name, p in model.named_parameters()}

@@ -2,23 +2,28 @@
 
 from __future__ import annotations
 
-import multiprocessing
-import sys
+import contextlib
+import io
 
-from runs import run_trainer
+from distributed import in_fresh_process
+from moe_dist import params
 from moe_dist.config import load_config
 from moe_dist.simulate import planned_rank, simulate_rank, simulated_ranks
 
 
+# Each in a fresh process: the fake process group is global to the process that creates it.
+
 def simulate_and_plan(world: int, ep: int, ranks: list[int]) -> list:
-    """In a fresh process: the fake process group is global to the process that creates it."""
     cfg = load_config("3b", {"parallel.ep": str(ep)})
     return [(simulate_rank(cfg, world, rank), planned_rank(cfg, world, rank)) for rank in ranks]
 
 
-def in_fresh_process(fn, *args):
-    with multiprocessing.get_context("spawn").Pool(1) as pool:
-        return pool.apply(fn, args)
+def params_main(argv: list[str]) -> tuple[int, str, str]:
+    """python -m moe_dist.params's main, without the interpreter's start: exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        code = params.main(argv)
+    return code, out.getvalue(), err.getvalue()
 
 
 def test_3b_at_world_64_holds_the_planned_shards():
@@ -35,7 +40,6 @@ def test_3b_at_world_64_holds_the_planned_shards():
 
 
 def test_simulate_option_reports_each_rank():
-    result = run_trainer([sys.executable, "-m", "moe_dist.params", "--config", "tiny", "--world", "16", "--ep", "8",
-                          "--simulate"])
-    assert result.returncode == 0, result.stderr
-    assert result.stdout.count("as planned") == 4, result.stdout
+    code, out, err = in_fresh_process(params_main, ["--config", "tiny", "--world", "16", "--ep", "8", "--simulate"])
+    assert code == 0, err
+    assert out.count("as planned") == 4, out
