@@ -85,9 +85,10 @@ def full_optimizer_state(model, optimizer) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path, optimizer):
-    cfg = small_config(**{"train.steps": "3", "moe.top_k": "2", "moe.aux_free_bias": "true", "optim.name": optimizer})
+def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path):
+    # Muon: its momenta on the hidden matrices (experts included) and AdamW's two moments and step on the rest, both
+    # kinds of state over every placement the model has.
+    cfg = small_config(**{"train.steps": "3", "moe.top_k": "2", "moe.aux_free_bias": "true", "optim.name": "muon"})
     batches = global_batches(cfg, 3, 4)  # [steps, grad_accum = 1, 4 * MICRO_BATCH, seq_len + 1]
     (tmp_path / "config.toml").write_text(to_toml(cfg))
     saved, next_loss = run_on_ranks(save_worker, 4, 4, cfg, batches, tmp_path)[0]
@@ -99,8 +100,8 @@ def test_reshard_world4_ep4_to_world2_ep2_and_world1(tmp_path, optimizer):
             for name in want:
                 assert torch.equal(got[name], want[name]), (world_size, name)
         assert abs(loss - next_loss) <= 1e-6 * next_loss, (world_size, loss, next_loss)
-    if optimizer == "muon":
-        assert any(name.endswith("experts.w1.momentum_buffer") for name in saved[1])
+    assert any(name.endswith("experts.w1.momentum_buffer") for name in saved[1])
+    assert any(name.endswith("router.gate.weight.exp_avg_sq") for name in saved[1])
 
 
 # --- crash recovery under torchrun ---

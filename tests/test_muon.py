@@ -85,8 +85,9 @@ def reference_run(cfg: Config, batches: torch.Tensor, gradients: list[dict]) -> 
 
 
 def muon_config(experts: int, ep: int) -> Config:
+    # Two layers: a dense one and an MoE one hold every kind of hidden matrix.
     return small_config(**{"optim.name": "muon", "moe.num_experts": str(experts), "parallel.ep": str(ep),
-                           "train.steps": str(STEPS), "optim.lr": "2e-2"})
+                           "train.steps": str(STEPS), "optim.lr": "2e-2", "model.n_layers": "2"})
 
 
 def distributed_run(rank: int, world_size: int, cfg: Config, batches: torch.Tensor) -> tuple[list, list, dict]:
