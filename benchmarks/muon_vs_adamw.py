@@ -22,6 +22,7 @@ import torch
 
 from benchmarks.common import RESULTS_DIR, environment, markdown_table, write_results
 from benchmarks.pretraining import run, val_curve
+from moe_dist.config import CHOICES, load_config
 
 FIGURE = Path(__file__).resolve().parent / "figures" / "muon_vs_adamw.png"
 RUNS = RESULTS_DIR / "muon_vs_adamw-runs"
@@ -143,7 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     # A 60-step look put Muon's best at 1e-2, the top of AdamW's grid (AdamW's best at 3e-3, inside it): Muon's
     # grid is AdamW's shifted up one step so that its best can land inside it.
     parser.add_argument("--muon-lrs", type=lr_list, default=lr_list("3e-3,1e-2,3e-2"))
-    parser.add_argument("--schedule", default="cosine", choices=("cosine", "wsd", "linear", "constant"))
+    parser.add_argument("--schedule", default="cosine", choices=CHOICES["optim.schedule"])
     # One thread: on a shared 2-core machine two threads ran a tiny step up to 10x slower (threads spinning against
     # other work), and unevenly from run to run.
     parser.add_argument("--threads", type=int, default=1)
@@ -151,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
-    tokens_per_step = args.micro_batch * 128  # one process, tiny's data.seq_len
+    tokens_per_step = args.micro_batch * load_config("tiny").data.seq_len  # one process
     runs = train_grid(args)
     result = {"steps": args.steps, "tokens_per_step": tokens_per_step, "schedule": args.schedule,
               "eval_interval": args.eval_interval, "eval_steps": args.eval_steps, "micro_batch": args.micro_batch,

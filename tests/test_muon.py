@@ -22,6 +22,11 @@ from moe_dist.train import build_model, train_step
 STEPS = 5
 
 
+def as_matrices(t: torch.Tensor) -> list[torch.Tensor]:
+    """A 2-D tensor as itself, an [E, a, b] stack as its E matrices (views)."""
+    return [t] if t.dim() == 2 else list(t)
+
+
 class TorchMuon:
     """The reference optimizer and its schedule: torch.optim.Muon on each hidden matrix as a 2-D tensor of its own
     (an [E, a, b] stack as E of them), torch.optim.AdamW on the rest, the lr set from lr_factor every step.
@@ -35,8 +40,7 @@ class TorchMuon:
     def __init__(self, model: Transformer, cfg: Config, gradients: list[dict] | None = None):
         self.model, self.cfg, self.gradients, self.step_count = model, cfg, gradients, 0
         self.stacks = hidden_matrices(model)
-        self.matrices = [[torch.nn.Parameter(m.detach().clone()) for m in (p.unsqueeze(0) if p.dim() == 2 else p)]
-                         for p in self.stacks]
+        self.matrices = [[torch.nn.Parameter(m.detach().clone()) for m in as_matrices(p)] for p in self.stacks]
         o = cfg.optim
         self.muon = torch.optim.Muon([m for ms in self.matrices for m in ms], lr=o.lr, weight_decay=o.weight_decay,
                                      momentum=o.momentum, nesterov=True, ns_steps=o.ns_steps, adjust_lr_fn=LR_SCALING)
@@ -53,8 +57,8 @@ class TorchMuon:
                 assert relative_error(theirs, p.grad) <= 1e-5, (self.step_count, name)
                 p.grad.copy_(theirs)
         for stack, matrices in zip(self.stacks, self.matrices):
-            for i, m in enumerate(matrices):
-                m.grad = (stack.grad if stack.dim() == 2 else stack.grad[i]).clone()
+            for m, grad in zip(matrices, as_matrices(stack.grad)):
+                m.grad = grad.clone()
         self.muon.step()
         for stack, matrices in zip(self.stacks, self.matrices):
             stack.copy_(torch.stack(matrices).view_as(stack))
@@ -162,32 +166,24 @@ def test_any_sharded_placement_equals_torch_muon_bit_for_bit():
     per_rank = run_on_ranks(placed_worker, 4, steps)
     gen = torch.Generator().manual_seed(0)
     full = [torch.randn(shape, generator=gen) for shape, _ in PLACED]
-    matrices = [torch.nn.Parameter(m.clone()) for t in full for m in (t.unsqueeze(0) if t.dim() == 2 else t)]
+    matrices = [[torch.nn.Parameter(m.clone()) for m in as_matrices(t)] for t in full]
     cfg = muon_config(4, 1).optim
-    muon = torch.optim.Muon(matrices, lr=cfg.lr, weight_decay=cfg.weight_decay, momentum=cfg.momentum, nesterov=True,
-                            ns_steps=cfg.ns_steps, adjust_lr_fn=LR_SCALING)
+    muon = torch.optim.Muon([m for ms in matrices for m in ms], lr=cfg.lr, weight_decay=cfg.weight_decay,
+                            momentum=cfg.momentum, nesterov=True, ns_steps=cfg.ns_steps, adjust_lr_fn=LR_SCALING)
     for _ in range(steps):
         grads = [torch.randn(t.shape, generator=gen) for t in full]
-        for m, grad in zip(matrices, (part for g in grads for part in (g.unsqueeze(0) if g.dim() == 2 else g))):
-            m.grad = grad.clone()
+        for ms, grad in zip(matrices, grads):
+            for m, part in zip(ms, as_matrices(grad)):
+                m.grad = part.clone()
         muon.step()
-    want = [torch.stack(ms).view(t.shape) for t, ms in zip(full, _split_like(matrices, full))]
-    flops = [newton_schulz_flops(m.shape, cfg.ns_steps) for m in matrices]
+    want = [torch.stack(ms).view(t.shape) for t, ms in zip(full, matrices)]
+    flops = [newton_schulz_flops(m.shape, cfg.ns_steps) for ms in matrices for m in ms]
     for rank, (got, moved, planned, per_rank_flops) in enumerate(per_rank):
         for i, (g, w) in enumerate(zip(got, want)):
             assert torch.equal(g, w), (rank, PLACED[i])
         assert moved == planned > 0, rank  # the bytes the all-to-alls carried are the plan's
         assert sum(per_rank_flops) == sum(flops)  # each matrix orthogonalised once in the world
         assert max(per_rank_flops) <= sum(flops) / 4 + max(flops), per_rank_flops  # LPT's bound
-
-
-def _split_like(matrices: list, tensors: list) -> list[list]:
-    out, i = [], 0
-    for t in tensors:
-        n = 1 if t.dim() == 2 else t.shape[0]
-        out.append(matrices[i:i + n])
-        i += n
-    return out
 
 
 def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
