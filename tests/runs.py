@@ -104,12 +104,14 @@ def processes_with(text: str) -> list[int]:
     return found
 
 
-def tree_state(*roots: Path) -> dict[str, object]:
+def tree_state(*roots: Path, ignore: tuple[str, ...] = ()) -> dict[str, object]:
     """Every directory, link and file under roots (links not followed), files with their size and content hash:
-    equal means untouched."""
+    equal means untouched. Paths containing any of `ignore` are never read: a live run may delete them meanwhile."""
     state = {}
     for root in roots:
         for path in sorted(Path(root).rglob("*")):
+            if any(part in str(path) for part in ignore):
+                continue
             if path.is_symlink():
                 state[str(path)] = ("link", os.readlink(path))
             elif path.is_dir():

@@ -16,6 +16,8 @@ from runs import REPO, SMALL_MODEL, start_trainer, train_losses, trainer_args, t
 
 HOLD = "import sys, time; from pathlib import Path; from moe_dist.run_lock import RunLock; " \
        "lock = RunLock(Path(sys.argv[1]), 'test'); print('held', flush=True); time.sleep(600)"
+# What the live run itself writes and deletes meanwhile: its metrics and checkpoints, never read.
+LIVE_FILES = ("metrics", "checkpoints")
 
 
 def hold_in_another_process(run_dir) -> subprocess.Popen:
@@ -59,8 +61,7 @@ def test_a_live_run_has_one_writer(tmp_path, prepared_data, capsys):
     run_dir = tmp_path / "tiny"
     try:
         wait_for(lambda: len(train_losses(run_dir)) >= 3, live)
-        # Everything but the files the live run is writing right now.
-        before = {k: v for k, v in tree_state(run_dir).items() if "metrics" not in k and "checkpoints" not in k}
+        before = tree_state(run_dir, ignore=LIVE_FILES)
         for option in ("--resume", "--overwrite"):
             assert moe_dist.train.main([*argv, option]) == 2
             err = capsys.readouterr().err
@@ -70,7 +71,7 @@ def test_a_live_run_has_one_writer(tmp_path, prepared_data, capsys):
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"export: {run_dir} is in use by another process" in err, err
         assert not (run_dir / "hf").exists()
-        after = {k: v for k, v in tree_state(run_dir).items() if "metrics" not in k and "checkpoints" not in k}
+        after = tree_state(run_dir, ignore=LIVE_FILES)
         assert after == before
         assert live.poll() is None  # untouched by the refused attempts
     finally:
