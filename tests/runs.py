@@ -106,11 +106,12 @@ def processes_with(text: str) -> list[int]:
 
 def tree_state(*roots: Path, ignore: tuple[str, ...] = ()) -> dict[str, object]:
     """Every directory, link and file under roots (links not followed), files with their size and content hash:
-    equal means untouched. Paths containing any of `ignore` are never read: a live run may delete them meanwhile."""
+    equal means untouched. Paths whose part below their root contains any of `ignore` are never read: a live run
+    may delete them meanwhile."""
     state = {}
     for root in roots:
         for path in sorted(Path(root).rglob("*")):
-            if any(part in str(path) for part in ignore):
+            if any(part in str(path.relative_to(root)) for part in ignore):
                 continue
             if path.is_symlink():
                 state[str(path)] = ("link", os.readlink(path))
